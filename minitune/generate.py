@@ -1,0 +1,145 @@
+"""Batched generation with a KV cache: `prefill` the left-padded prompts, then `decode_one_token`."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from minitune.errors import MinituneError
+from minitune.model import Transformer
+
+
+class GenerationOutput(NamedTuple):
+    """sequences: [B, P+N] prompts (as given, left-padded) followed by the responses.
+    tokens: [B, N] generated tokens; `pad_id` after a row stopped.
+    logprobs: [B, N] log-prob of each generated token under the temperature-scaled full
+      distribution (the one PPO recomputes); 0 after a row stopped.
+    mask: [B, N] 1 for generated tokens up to and including the EOS that stopped the row.
+    lengths: [B] number of generated tokens per row. ended: [B] True where an EOS was produced."""
+
+    sequences: torch.Tensor
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    mask: torch.Tensor
+    lengths: torch.Tensor
+    ended: torch.Tensor
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pads id lists to [B, P]; returns (input_ids, attention_mask)."""
+    P = max(len(x) for x in batch)
+    ids = torch.full((len(batch), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), P), dtype=torch.long)
+    for i, x in enumerate(batch):
+        if len(x):
+            ids[i, P - len(x):] = torch.as_tensor(list(x))
+            mask[i, P - len(x):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on each row's first real token (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Sets logits outside the top-k / nucleus (top-p) set to -inf. logits: [B, V]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None):
+    """Picks the next token [B] and its log-prob [B] from logits [B, V] (fp32).
+
+    temperature 0 is greedy. The log-prob is taken under softmax(logits / temperature) before the
+    top-k/top-p cut, so that it equals what a later forward pass with the same temperature gives.
+    """
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    scaled = logits / temperature
+    probs = filter_logits(scaled, top_k, top_p).softmax(-1)
+    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return tok, F.log_softmax(scaled, -1).gather(-1, tok[:, None])[:, 0]
+
+
+def prefill(model: Transformer, ids, attention_mask, position_ids) -> torch.Tensor:
+    out = model(ids, position_ids, attention_mask, cache_pos=0)
+    return out.logits[:, -1].float()
+
+
+def decode_one_token(model: Transformer, tok, attention_mask, position, cache_pos: int) -> torch.Tensor:
+    out = model(tok[:, None], position[:, None], attention_mask, cache_pos=cache_pos)
+    return out.logits[:, -1].float()
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> GenerationOutput:
+    """Generates up to `max_new_tokens` for each left-padded prompt in input_ids [B, P].
+
+    Rows stop independently at any id in `eos_ids`. `use_cache=False` recomputes the whole sequence
+    each step (the reference the cache is tested against). Returns a GenerationOutput.
+    """
+    B, P = input_ids.shape
+    dev = input_ids.device
+    limit = model.config.max_position_embeddings
+    if P + max_new_tokens > limit:
+        raise MinituneError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's context ({limit})")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = torch.cat([attention_mask.long(), torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], 1)
+    positions = positions_from_mask(mask)  # (B, P+N)
+    eos = torch.tensor(list(eos_ids) or [-1], device=dev)
+    seq = torch.cat([input_ids, torch.full((B, max_new_tokens), pad_id, dtype=input_ids.dtype, device=dev)], 1)
+    logprobs = torch.zeros(B, max_new_tokens, device=dev)
+    gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    ended = torch.zeros(B, dtype=torch.bool, device=dev)
+    try:
+        if use_cache:
+            model.setup_cache(B, P + max_new_tokens)
+        logits = prefill(model, input_ids, mask[:, :P], positions[:, :P])
+        n = 0
+        for n in range(max_new_tokens):
+            tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            seq[:, P + n] = tok
+            logprobs[:, n] = torch.where(done, torch.zeros_like(lp), lp)
+            gen_mask[:, n] = (~done).long()
+            hit = torch.isin(tok, eos) & ~done
+            ended |= hit
+            done |= hit
+            if bool(done.all()) or n == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = decode_one_token(model, tok, mask[:, : P + n + 1], positions[:, P + n], P + n)
+            else:
+                cur = P + n + 1
+                logits = prefill(model, seq[:, :cur], mask[:, :cur], positions[:, :cur])
+    finally:
+        model.clear_cache()
+    N = n + 1
+    return GenerationOutput(
+        seq[:, : P + N], seq[:, P: P + N], logprobs[:, :N], gen_mask[:, :N], gen_mask[:, :N].sum(1), ended
+    )

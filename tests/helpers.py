@@ -1,0 +1,38 @@
+"""Tiny configs shared by the tests: one per model family, 2 layers, width 64."""
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+FAMILIES = {
+    "llama2": dict(model_type="llama", **TINY),
+    "llama3": dict(model_type="llama", rope_theta=500000.0, **TINY,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral": dict(model_type="mistral", sliding_window=None, **TINY),
+    "qwen2": dict(model_type="qwen2", **TINY),
+    "smollm2": dict(model_type="llama", tie_word_embeddings=True, **TINY),
+}
+
+
+def make_hf_model(family: str, seed: int = 0):
+    """A randomly initialised transformers model of the named tiny family (fp32, eval)."""
+    kwargs = dict(FAMILIES[family])
+    model_type = kwargs.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # biases are zero-initialised; randomise so that they are tested too
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def tiny_minitune_model(tmp_path, family="llama2", seed=0):
+    """A minitune model loaded from a tiny HF checkpoint written into tmp_path."""
+    from minitune import load_model
+
+    hf = make_hf_model(family, seed)
+    hf.save_pretrained(tmp_path / family)
+    return load_model(tmp_path / family), hf
