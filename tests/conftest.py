@@ -1,11 +1,15 @@
 import gzip
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
 from minitune.errors import MinituneError
+
+# LLM.int8() on CPU logs a cast notice on every matmul; the tests know.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_PATH = DATA / "hh-rlhf-harmless-base-test.jsonl.gz"
