@@ -1,0 +1,92 @@
+"""A synthetic instruction task the project generates itself: short instructions with exactly
+checkable answers, a fixed seed, a train/eval split and a scorer.
+
+Families: add two numbers, reverse a list, sort a list, convert units. Answers are a single line
+(a number or a comma-separated list); a model answer is correct when its first line, with spaces
+and a trailing period normalized, equals the reference.
+"""
+from __future__ import annotations
+
+import random
+import re
+from typing import Callable
+
+SYSTEM = "Reply with the answer only."
+FAMILIES = ("add", "reverse", "sort", "convert")
+_UNITS = [("kilometers", "meters", 1000), ("hours", "minutes", 60), ("kilograms", "grams", 1000),
+          ("minutes", "seconds", 60), ("meters", "centimeters", 100), ("days", "hours", 24)]
+
+
+def _example(rng: random.Random, family: str) -> dict:
+    if family == "add":
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        return {"prompt": f"What is {a} + {b}?", "answer": str(a + b)}
+    if family in ("reverse", "sort"):
+        xs = rng.sample(range(1, 100), rng.randint(4, 6))
+        listed = ", ".join(map(str, xs))
+        if family == "reverse":
+            return {"prompt": f"Reverse the order of this list: {listed}", "answer": ", ".join(map(str, xs[::-1]))}
+        return {"prompt": f"Sort these numbers from smallest to largest: {listed}", "answer": ", ".join(map(str, sorted(xs)))}
+    src, dst, k = rng.choice(_UNITS)
+    n = rng.randint(2, 99)
+    return {"prompt": f"Convert {n} {src} to {dst}.", "answer": str(n * k)}
+
+
+def make_task(n: int, seed: int = 0, families=FAMILIES) -> list[dict]:
+    """n examples {prompt, answer, family, messages} cycling through the families."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        fam = families[i % len(families)]
+        ex = _example(rng, fam)
+        ex["family"] = fam
+        ex["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ex["prompt"]},
+                          {"role": "assistant", "content": ex["answer"]}]
+        out.append(ex)
+    return out
+
+
+def train_eval_split(n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Disjoint splits (eval prompts never appear in train)."""
+    train = make_task(n_train, seed=seed)
+    seen = {ex["prompt"] for ex in train}
+    pool = make_task(n_eval * 3, seed=seed + 10_000)
+    evals = [ex for ex in pool if ex["prompt"] not in seen][:n_eval]
+    return train, evals
+
+
+def wrong_answer(ex: dict, rng: random.Random) -> str:
+    """A plausible but wrong answer of the same form (for preference pairs)."""
+    fam, ans = ex["family"], ex["answer"]
+    if fam in ("reverse", "sort"):
+        xs = ans.split(", ")
+        while True:
+            ys = xs[:]
+            rng.shuffle(ys)
+            if ys != xs:
+                return ", ".join(ys)
+    value = int(ans)
+    delta = rng.choice([-1, 1]) * rng.choice([1, 2, 10, 100]) if fam == "add" else rng.choice([value // 10, value * 10 - value, -value // 2])
+    return str(value + (delta or 1))
+
+
+def normalize(text: str) -> str:
+    first = text.strip().split("\n")[0].strip()
+    first = re.sub(r"\s+", " ", first).rstrip(".").strip()
+    return re.sub(r"\s*,\s*", ", ", first)
+
+
+def is_correct(answer: str, reference: str) -> bool:
+    return normalize(answer) == normalize(reference)
+
+
+def correctness_reward(responses: list[str], references: list[str]) -> list[float]:
+    """PPO reward: 1.0 for an exactly correct answer, else 0.0. Config: `minitune.data.synthetic:correctness_reward`."""
+    return [1.0 if is_correct(r, ref) else 0.0 for r, ref in zip(responses, references)]
+
+
+def accuracy(answers: list[str], examples: list[dict]) -> float:
+    return sum(is_correct(a, ex["answer"]) for a, ex in zip(answers, examples)) / max(len(examples), 1)
+
+
+Scorer = Callable[[list[str], list[str]], list[float]]
