@@ -36,3 +36,31 @@ def tiny_minitune_model(tmp_path, family="llama2", seed=0):
     hf = make_hf_model(family, seed)
     hf.save_pretrained(tmp_path / family)
     return load_model(tmp_path / family), hf
+
+
+def tiny_with_real_tokenizer(folder, demo_dir, seed=0):
+    """A 2-layer, width-64 Llama with SmolLM2's real tokenizer files: recipes run end to end in seconds."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo_dir / name, folder / name)
+    return folder
+
+
+def load_recipe(name):
+    """Imports recipes/<name>.py as a module (recipes are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,0 +1,91 @@
+"""Distributed training as transforms applied to a plain model from outside.
+
+Launch with torchrun (`--nproc_per_node N`, and `--nnodes`/rendezvous for several nodes); the
+process group is read from torchrun's environment. gloo on CPU, NCCL on GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> DistInfo:
+    """Joins torchrun's process group when launched by torchrun; else a single process."""
+    if "RANK" not in os.environ or dist.is_initialized():
+        if dist.is_initialized():
+            return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
+        return DistInfo(device=device)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Wraps in DistributedDataParallel; only parameters that require grad (LoRA) are synced."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """FSDP2: `fully_shard` each decoder block, then the root. For a 4-bit base, the packed weights
+    must be stored in the dtype FSDP uses (`quant_storage`), or FSDP's casts corrupt the bytes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype) if param_dtype is not None else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from a (possibly sharded) DTensor; every rank must call it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under a DDP wrapper (FSDP2 shards in place and needs no unwrapping)."""
+    return model.module if hasattr(model, "module") and not hasattr(model, "config") else model

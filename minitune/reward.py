@@ -1,0 +1,86 @@
+"""Reward modelling pieces: a scalar head on the final hidden state at each sequence's last real
+token, the pairwise loss, and loading a saved reward model as a named adapter on a shared base."""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minitune.adapters import load_adapter
+from minitune.errors import MinituneError
+from minitune.generate import positions_from_mask
+
+HEAD_KEY = "score.weight"  # PEFT keeps a sequence-classification head as module "score" (modules_to_save)
+
+
+class RewardHead(nn.Module):
+    """Linear(hidden, 1) with no bias, named like transformers' sequence-classification head."""
+
+    def __init__(self, hidden: int, device=None, dtype=torch.float32):
+        super().__init__()
+        self.score = nn.Linear(hidden, 1, bias=False, device=device, dtype=dtype)
+        nn.init.normal_(self.score.weight, std=1.0 / (hidden + 1) ** 0.5)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.score(pooled.to(self.score.weight.dtype)).squeeze(-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {HEAD_KEY: self.score.weight}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        w = tensors.get(HEAD_KEY)
+        if w is None:
+            raise MinituneError(f"the reward adapter has no {HEAD_KEY} (saved by the reward recipe?)")
+        if tuple(w.shape) != tuple(self.score.weight.shape):
+            raise MinituneError(
+                f"reward head {HEAD_KEY} has shape {tuple(w.shape)} but this base needs {tuple(self.score.weight.shape)} "
+                "(a head trained on a model of another width)"
+            )
+        with torch.no_grad():
+            self.score.weight.copy_(w)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N] index of each row's last real token, from the mask alone (works for left and right
+    padding, and when pad == eos, where searching for the pad id would move the position)."""
+    S = attention_mask.shape[1]
+    idx = torch.arange(S, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def sequence_rewards(model, head: RewardHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N] scalar rewards of padded sequences [N, S]."""
+    out = model(input_ids, positions_from_mask(attention_mask), attention_mask, return_logits=False)
+    last = last_token_index(attention_mask)
+    pooled = out.hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+    return head(pooled)
+
+
+class PairMetrics(NamedTuple):
+    loss: torch.Tensor  # scalar, mean over pairs
+    accuracy: torch.Tensor  # share of pairs with r_chosen > r_rejected
+    margin: torch.Tensor  # mean r_chosen - r_rejected
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, *, margin: torch.Tensor | float = 0.0,
+                  center_coef: float = 0.0, reduction: str = "mean") -> PairMetrics:
+    """-logsigmoid(r_c - r_r - margin), plus center_coef * (r_c + r_r)^2 to keep rewards centred at 0."""
+    diff = r_chosen - r_rejected
+    per_pair = -F.logsigmoid(diff - margin) + center_coef * (r_chosen + r_rejected) ** 2
+    loss = per_pair.mean() if reduction == "mean" else per_pair.sum()
+    return PairMetrics(loss, (diff > 0).float().mean(), diff.mean())
+
+
+def load_reward_adapter(model: nn.Module, folder: str | os.PathLike, name: str = "reward") -> RewardHead:
+    """Loads a reward model saved by recipes/reward_model.py as adapter `name` (frozen) onto `model`
+    and returns its head. The base stays shared with whatever adapters the model already has."""
+    _, extra = load_adapter(model, folder, name, trainable=False)
+    hidden = model.config.hidden_size
+    ref = next(p for p in model.parameters() if p.device.type != "meta")
+    head = RewardHead(hidden, device=ref.device)
+    head.load(extra)
+    head.requires_grad_(False)
+    return head

@@ -1,0 +1,256 @@
+"""Pairwise reward modelling: a LoRA adapter plus a scalar head on the (optionally quantized) base.
+
+    python recipes/reward_model.py                                       # embedded default (CPU)
+    python recipes/reward_model.py --config recipes/configs/reward_hh_rlhf.yaml
+    torchrun --nproc_per_node 8 recipes/reward_model.py --config ... run.parallel=ddp
+
+The adapter is saved in PEFT format with the head as `base_model.model.score.weight`
+(task_type SEQ_CLS, modules_to_save ["score"]); `minitune.reward.load_reward_adapter` loads it as a
+second named adapter onto the base the PPO policy uses.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from minitune.adapters import save_adapter
+from minitune.data import load_rows, split_rows
+from minitune.data.preference import PairStats, PreferencePair, collate_pairs, parse_pairs, tokenize_pair
+from minitune.data.prompts import render_prompt
+from minitune.data.synthetic import SYSTEM, train_eval_split, wrong_answer
+from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
+from minitune.errors import MinituneError
+from minitune.lora import apply_lora
+from minitune.memory import check_fits
+from minitune.reward import RewardHead, pairwise_loss, sequence_rewards
+from minitune.tokenizer import load_tokenizer
+from minitune.train.checkpointing import CheckpointManager
+from minitune.train.config import parse_cli, to_dict
+from minitune.train.metrics import MetricsLogger
+from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
+                                     resolve_grad_accum)
+from minitune.train.setup import (build_base, finish_model, gathered_adapter, model_path, prepare_output, progress_bar,
+                                  restore_adapter, restore_state, save_state)
+from minitune.train.utils import StopSignal, build_optimizer, check_finite, lr_lambda, seed_everything
+
+
+@dataclass
+class RewardSection:
+    max_length: int = 256  # tokens per prompt + response; longer pairs are truncated (counted)
+    margin: float = 0.0  # constant margin inside the sigmoid
+    center_coef: float = 0.0  # coef * mean((r_chosen + r_rejected)^2); TRL suggests 0.01
+    eval_batch_size: int = 16
+
+
+@dataclass
+class RewardConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoRASection = field(default_factory=lambda: LoRASection(r=16, alpha=32.0))
+    data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=1200, synthetic_eval=200, holdout=300))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-3, warmup_steps=5))
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/reward_model", max_steps=60,
+                                                               batch_size=8, save_every=20))
+    wandb: WandbSection = field(default_factory=WandbSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+
+    @property
+    def plan_batch_factor(self) -> int:
+        return 2  # chosen and rejected in one forward
+
+
+def synthetic_pairs(n_train: int, n_eval: int, tok, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """A correct answer preferred to a plausible wrong one, on the synthetic task's prompts."""
+    rng = random.Random(seed)
+    train, evals = train_eval_split(n_train, n_eval, seed=seed)
+
+    def pairs(rows):
+        return [PreferencePair(render_prompt(ex["prompt"], tok, chat=True, system=SYSTEM), ex["answer"],
+                               wrong_answer(ex, rng)) for ex in rows]
+
+    return pairs(train), pairs(evals)
+
+
+def build_pairs(cfg: RewardConfig, tok, info):
+    d, stats = cfg.data, PairStats()
+    if d.source == "synthetic":
+        train, evals = synthetic_pairs(d.synthetic_train, d.synthetic_eval, tok, cfg.run.seed)
+        stats.kept = len(train) + len(evals)
+    else:
+        rows = load_rows(d.source, columns=[d.chosen_column, d.rejected_column])
+        if d.max_rows:
+            rows = rows.select(range(min(d.max_rows, len(rows))))
+        train_rows, eval_rows = split_rows(rows, d.holdout if d.holdout < 1 else int(d.holdout), seed=cfg.run.seed)
+        kw = dict(prompt_col=d.prompt_column if d.prompt_column in rows.column_names else None,
+                  chosen_col=d.chosen_column, rejected_col=d.rejected_column, hh_format=d.hh_format, stats=stats)
+        train, evals = parse_pairs(train_rows, **kw), parse_pairs(eval_rows, **kw)
+    tokenize = lambda ps: [tokenize_pair(p, tok, cfg.reward.max_length, stats) for p in ps]  # noqa: E731
+    train_ids, eval_ids = tokenize(train), tokenize(evals)
+    if info.is_main:
+        print(stats.summary())
+    # every rank reads a disjoint share of the pairs
+    return train_ids[info.rank::info.world_size], eval_ids[info.rank::info.world_size], stats
+
+
+def pair_batches(pairs, batch_size: int, seed: int, start_index: int = 0):
+    """Endless shuffled batches; `start_index` skips batches already consumed (exact resume)."""
+    epoch, i = 0, 0
+    order = list(range(len(pairs)))
+    while True:
+        random.Random(seed + epoch).shuffle(order)
+        for s in range(0, len(order) - batch_size + 1, batch_size):
+            if i >= start_index:
+                yield i, [pairs[j] for j in order[s: s + batch_size]]
+            i += 1
+        epoch += 1
+
+
+def pair_forward(model, head, pairs, pad_id, device):
+    batch = collate_pairs(pairs, pad_id)
+    r = sequence_rewards(model, head, batch.input_ids.to(device), batch.attention_mask.to(device))
+    n = len(pairs)
+    return r[:n], r[n:]
+
+
+@torch.no_grad()
+def evaluate(model, head, pairs, cfg: RewardConfig, pad_id, device) -> dict:
+    model.eval()
+    rc, rr = [], []
+    for s in range(0, len(pairs), cfg.reward.eval_batch_size):
+        c, r = pair_forward(model, head, pairs[s: s + cfg.reward.eval_batch_size], pad_id, device)
+        rc.append(c.float())
+        rr.append(r.float())
+    model.train()
+    c, r = (torch.cat(rc), torch.cat(rr)) if rc else (torch.zeros(0, device=device), torch.zeros(0, device=device))
+    m = pairwise_loss(c, r, margin=cfg.reward.margin, center_coef=cfg.reward.center_coef, reduction="sum")
+    all_r = torch.cat([c, r])
+    sums = all_reduce_sum(torch.stack([m.loss, (c > r).float().sum(), torch.tensor(float(len(c)), device=device),
+                                       all_r.sum(), (all_r ** 2).sum()]))
+    n = sums[2].clamp(min=1)
+    mean = sums[3] / (2 * n)
+    return {"eval_loss": (sums[0] / n).item(), "eval_accuracy": (sums[1] / n).item(), "eval_reward_mean": mean.item(),
+            "eval_reward_std": (sums[4] / (2 * n) - mean ** 2).clamp(min=0).sqrt().item()}
+
+
+def train(cfg: RewardConfig) -> dict:
+    # 1. Set-up: process group, output folder and resume point, resolved config.
+    device = cfg.run.resolved_device()
+    info = init_distributed(device)
+    device = info.device
+    grad_accum = resolve_grad_accum(cfg.run, info.world_size)
+    seed_everything(cfg.run.seed)
+    if cfg.model.path != "demo":
+        model_path(cfg.model.path)
+    out_dir, resume = prepare_output(cfg, cfg.run, info)
+    tok = load_tokenizer(model_path(cfg.model.path))
+    log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
+
+    # 2. Model: frozen base, LoRA adapter "reward", scalar head; checkpointing, DDP/FSDP.
+    base = build_base(cfg.model, device)
+    cfg.data.seq_length = cfg.reward.max_length  # what the memory plan reads
+    check_fits(base.config, cfg, device, info, report=print if info.is_main else None)
+    apply_lora(base, cfg.lora.lora_config(), "reward")
+    head = RewardHead(base.config.hidden_size, device=device)
+    if resume is not None:
+        head.load(restore_adapter(base, resume, "reward"))
+    model = finish_model(base, cfg.model, cfg.run, info)
+    seed_everything(cfg.run.seed + info.rank)
+
+    # 3. Data: tokenized pairs, each rank its own share.
+    train_pairs, eval_pairs, _ = build_pairs(cfg, tok, info)
+    if len(train_pairs) < cfg.run.batch_size:
+        raise MinituneError(f"only {len(train_pairs)} training pairs per rank; lower run.batch_size")
+    total_steps = cfg.run.max_steps or max(1, int(cfg.run.epochs * len(train_pairs) / (cfg.run.batch_size * grad_accum)))
+
+    # 4. Optimizer (adapter + head) and schedule.
+    opt = build_optimizer(list(model.parameters()) + list(head.parameters()), cfg.optim)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total_steps))
+    step, batch_index = 0, 0
+    if resume is not None:
+        step, data_state, _ = restore_state(resume, opt, sched, info)
+        batch_index = data_state["batch_index"]
+    mgr = CheckpointManager(out_dir, cfg.run.keep_last)
+    last_ckpt = resume
+    summary: dict = {"steps": total_steps, "train_pairs_per_rank": len(train_pairs), "eval_pairs_per_rank": len(eval_pairs)}
+    if step == 0:
+        summary["before"] = evaluate(model, head, eval_pairs, cfg, tok.pad_id, device)
+        if info.is_main:
+            print(f"held-out before training: {summary['before']}")
+    t_start = time.perf_counter()
+
+    # 5. The loop: pairs -> rewards -> pairwise loss -> clip -> step -> log / eval / save.
+    batches = pair_batches(train_pairs, cfg.run.batch_size, cfg.run.seed + info.rank, batch_index)
+    bar = progress_bar(total_steps, step, info, cfg.run, "reward")
+    model.train()
+    with StopSignal() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            stats = torch.zeros(3, device=device)  # loss sum, correct pairs, pairs
+            for i in range(grad_accum):
+                batch_index, pairs = next(batches)
+                batch_index += 1
+                c, r = pair_forward(model, head, pairs, tok.pad_id, device)
+                m = pairwise_loss(c, r, margin=cfg.reward.margin, center_coef=cfg.reward.center_coef, reduction="sum")
+                # mean over every pair of the global batch (DDP averages over ranks)
+                (m.loss * info.world_size / (len(pairs) * grad_accum * info.world_size)).backward()
+                stats += torch.stack([m.loss.detach(), (c > r).float().sum().detach(), torch.tensor(float(len(pairs)))])
+            params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
+            if info.world_size > 1:  # the head lives outside the DDP/FSDP module: average its grads by hand
+                for p in head.parameters():
+                    all_reduce_sum(p.grad).div_(info.world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            all_reduce_sum(stats)
+            loss, acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
+            check_finite(loss, step, last_ckpt)
+            if info.is_main and step % cfg.run.log_every == 0:
+                log.log(step, loss=loss, accuracy=acc, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
+                        pairs_per_s=float(stats[2]) / (time.perf_counter() - t0))
+            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}")
+            bar.update(1)
+            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
+                log.log(step, **evaluate(model, head, eval_pairs, cfg, tok.pad_id, device))
+            stopping = stop.requested is not None
+            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping or step == total_steps:
+                last_ckpt = save_state(mgr, step, model, adapter="reward", optimizer=opt, scheduler=sched,
+                                       data_state={"batch_index": batch_index}, info=info, head_tensors=head.tensors(),
+                                       base_name=cfg.model.path, task_type="SEQ_CLS")
+            if stopping:
+                if info.is_main:
+                    print(f"\nstopped by {stop.requested} at step {step}; checkpoint saved to {last_ckpt}")
+                break
+    bar.close()
+
+    # 6. Final evaluation and the reward adapter + head.
+    summary["after"] = evaluate(model, head, eval_pairs, cfg, tok.pad_id, device)
+    summary.update(final_step=step, train_seconds=round(time.perf_counter() - t_start, 1), last_checkpoint=str(last_ckpt))
+    sd = gathered_adapter(model, "reward")
+    if info.is_main:
+        save_adapter(unwrap(model), out_dir / "adapter", "reward", state_dict=sd, extra_tensors=head.tensors(),
+                     base_model_name_or_path=cfg.model.path, task_type="SEQ_CLS", modules_to_save=["score"])
+        log.log(step, **summary["after"])
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2))
+    log.close()
+    cleanup()
+    return summary
+
+
+def main(argv=None) -> int:
+    try:
+        train(parse_cli(RewardConfig, sys.argv[1:] if argv is None else argv))
+    except MinituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

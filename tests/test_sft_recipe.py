@@ -1,0 +1,181 @@
+"""The SFT recipe end to end on a tiny model with the real tokenizer: determinism, exact resume
+(also after a kill at an arbitrary step), SIGTERM, NaN, bad input, DDP and FSDP under torchrun."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitune import MinituneError
+from minitune.checkpoint import iter_safetensors
+from minitune.train.config import load_config, parse_cli
+from minitune.train.metrics import read_metrics
+from helpers import load_recipe, tiny_with_real_tokenizer
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+sft = load_recipe("lora_sft")
+
+
+@pytest.fixture(scope="module")
+def tiny(demo_dir, tmp_path_factory):
+    return tiny_with_real_tokenizer(tmp_path_factory.mktemp("tiny") / "m", demo_dir)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Rows whose documents are exactly 16 tokens (15 digits + EOS): packed blocks then line up
+    with rows, so any split of rows over ranks forms the same global batch."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("data") / "digits.jsonl"
+    path.write_text("\n".join(json.dumps({"text": "".join(rng.choice("0123456789") for _ in range(15))})
+                              for _ in range(200)))
+    return path
+
+
+def base_args(tiny, out, **extra):
+    args = {"model.path": str(tiny), "run.output_dir": str(out), "run.progress": "false", "run.max_steps": 6,
+            "run.batch_size": 2, "data.seq_length": 32, "data.synthetic_train": 200, "data.synthetic_eval": 8,
+            "eval.max_new_tokens": 4, "lora.r": 4, "lora.dropout": 0.1, "optim.lr": 1e-2, "run.save_every": 2,
+            "run.keep_last": 5}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def run(args):
+    return sft.train(parse_cli(sft.SFTConfig, args))
+
+
+def losses(out):
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_loss_falls_and_runs_are_deterministic(tiny, tmp_path):
+    run(base_args(tiny, tmp_path / "a"))
+    run(base_args(tiny, tmp_path / "b"))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 6 and a == b
+    assert a[-1] < a[0]
+    cfg_saved = (tmp_path / "a" / "config.yaml").read_text()
+    assert "r: 4" in cfg_saved
+    assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
+
+
+def test_resume_continues_with_identical_losses(tiny, tmp_path):
+    run(base_args(tiny, tmp_path / "full"))
+    full = losses(tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000002"
+    run(base_args(tiny, tmp_path / "resumed", **{"run.resume": str(ckpt)}))
+    resumed = losses(tmp_path / "resumed")
+    assert resumed == pytest.approx(full[2:], abs=1e-6)
+    a = dict(iter_safetensors(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    b = dict(iter_safetensors(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _spawn(args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "recipes" / "lora_sft.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_step(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(losses(out)) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_kill_at_an_arbitrary_step_then_resume(tiny, tmp_path):
+    args = base_args(tiny, tmp_path / "ref", **{"run.max_steps": 10, "run.save_every": 1, "eval.accuracy": "false"})
+    run(args)
+    ref = losses(tmp_path / "ref")
+    out = tmp_path / "killed"
+    args = base_args(tiny, out, **{"run.max_steps": 10, "run.save_every": 1, "eval.accuracy": "false"})
+    proc = _spawn(args)
+    _wait_for_step(out, random.Random().randint(3, 6), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    done = [c for c in ckpts if not c.name.endswith(".tmp")]
+    assert done, "no complete checkpoint survived"
+    start = int(done[-1].name.split("_")[1])
+    (out / "metrics.jsonl").unlink()
+    run(args + ["run.resume=true"])
+    assert losses(out) == pytest.approx(ref[start:], abs=1e-6)
+
+
+def test_sigterm_saves_and_exits_cleanly(tiny, tmp_path):
+    out = tmp_path / "term"
+    proc = _spawn(base_args(tiny, out, **{"run.max_steps": 200, "run.save_every": 0, "eval.accuracy": "false"}))
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, text
+    assert "stopped by SIGTERM" in text
+    step = len(losses(out))
+    assert (out / "checkpoints" / f"step_{step:08d}" / "common.pt").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, tmp_path):
+    out = tmp_path / "nan"
+    with pytest.raises(MinituneError, match=r"loss is (nan|inf) at step \d+: stopping; the last good checkpoint is"):
+        run(base_args(tiny, out, **{"optim.lr": 1e12, "optim.grad_clip": 1e12, "run.save_every": 1,
+                                    "run.max_steps": 50, "eval.accuracy": "false", "optim.warmup_steps": 0}))
+    latest = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert (latest / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_bad_config_errors_before_compute(tiny, tmp_path):
+    with pytest.raises(MinituneError, match=r"unknown config key 'lora.rank'; did you mean lora.r"):
+        parse_cli(sft.SFTConfig, ["lora.rank=8"])
+    with pytest.raises(MinituneError, match="optim.lr: expected a number"):
+        parse_cli(sft.SFTConfig, ["optim.lr=fast"])
+    with pytest.raises(MinituneError, match="unknown config key 'optm'; did you mean optim"):
+        parse_cli(sft.SFTConfig, ["optm.lr=1"])
+    with pytest.raises(MinituneError, match="model.path '/nope' does not exist"):
+        run(base_args(tiny, tmp_path / "x", **{"model.path": "/nope"}))
+    with pytest.raises(MinituneError, match="data.seq_length=4096 exceeds the model's context"):
+        run(base_args(tiny, tmp_path / "y", **{"data.seq_length": 4096}))
+    with pytest.raises(MinituneError, match="global_batch=5 is not divisible"):
+        run(base_args(tiny, tmp_path / "z", **{"run.global_batch": 5}))
+    run(base_args(tiny, tmp_path / "used", **{"run.max_steps": 1, "eval.accuracy": "false"}))
+    with pytest.raises(MinituneError, match="already holds checkpoints"):
+        run(base_args(tiny, tmp_path / "used", **{"run.max_steps": 1}))
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
+        cls = {"sft": sft.SFTConfig}.get(path.name.split("_")[0])
+        if cls is not None:
+            load_config(cls, path)
+
+
+def _torchrun(args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + random.randint(0, 400)), str(ROOT / "recipes" / "lora_sft.py"), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distributed_matches_single_process(tiny, digits, tmp_path, parallel):
+    common = {"data.source": str(digits), "data.template": "text", "data.seq_length": 16, "data.shuffle_buffer": 0,
+              "lora.dropout": 0.0, "run.max_steps": 3, "run.save_every": 0, "eval.accuracy": "false", "data.holdout": 10}
+    run(base_args(tiny, tmp_path / "single", **{**common, "run.batch_size": 4}))
+    _torchrun(base_args(tiny, tmp_path / parallel, **{**common, "run.batch_size": 2, "run.parallel": parallel}))
+    assert losses(tmp_path / parallel) == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
+    a = dict(iter_safetensors(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    b = dict(iter_safetensors(tmp_path / parallel / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
