@@ -304,3 +304,19 @@ def merge_for_export(model: nn.Module, name: str | None = None, dtype: torch.dty
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model
+
+
+def base_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of distinct parameter storages outside LoRA adapters: the frozen base a run holds.
+    PPO's policy, reference and reward adapters must not change it."""
+    adapter_params = {id(p) for m in model.modules() if isinstance(m, LoRAAdapter) for p in m.parameters()}
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in adapter_params:
+            continue
+        key = p.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += p.untyped_storage().nbytes()
+    return total

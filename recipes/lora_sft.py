@@ -24,7 +24,7 @@ from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
 from minitune.generate import generate, left_pad
-from minitune.lora import apply_lora
+from minitune.lora import apply_lora, base_parameter_bytes
 from minitune.memory import check_fits
 from minitune.tokenizer import load_tokenizer
 from minitune.train.checkpointing import CheckpointManager
@@ -166,6 +166,7 @@ def train(cfg: SFTConfig) -> dict:
         print(f"trainable params: {counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%)")
     if resume is not None:
         restore_adapter(base, resume, "default")
+    base_bytes = base_parameter_bytes(base)  # before FSDP shards the storages
     model = finish_model(base, cfg.model, cfg.run, info)
     seed_everything(cfg.run.seed + info.rank)  # per-rank dropout streams
 
@@ -186,7 +187,7 @@ def train(cfg: SFTConfig) -> dict:
     mgr = CheckpointManager(out_dir, cfg.run.keep_last)
     last_ckpt = resume
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.model.autocast and device.type == "cuda" else contextlib.nullcontext()
-    summary: dict = {"steps": total_steps}
+    summary: dict = {"steps": total_steps, "base_param_bytes": base_bytes}
     do_accuracy = examples is not None and cfg.eval.accuracy
     if do_accuracy and step == 0:
         acc, samples = answer_accuracy(model, tok, examples, cfg, device)

@@ -31,7 +31,7 @@ from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
 from minitune.generate import generate, left_pad, positions_from_mask
-from minitune.lora import apply_lora, disable_adapters, use_adapter
+from minitune.lora import apply_lora, base_parameter_bytes, disable_adapters, set_adapter, use_adapter
 from minitune.ppo import (AdaptiveKLController, FixedKLController, KLEstimator, Trajectory, check_scores,
                           entropy_from_logits, explained_variance, gae, kl_per_token, logprobs_from_logits, masked_mean,
                           per_token_rewards, ppo_losses, response_diversity, whiten)
@@ -235,9 +235,8 @@ def train(cfg: PPOConfig) -> dict:
     value_head = ValueHead(base.config.hidden_size, cfg.ppo.value_dropout, device=device)
     if resume is not None:
         value_head.load(restore_adapter(base, resume, "policy"))
-    from minitune.lora import set_adapter
-
     set_adapter(base, "policy")
+    base_bytes = base_parameter_bytes(base)
     model = finish_model(base, cfg.model, cfg.run, info)
     seed_everything(cfg.run.seed + info.rank)
     if info.is_main:
@@ -376,7 +375,7 @@ def train(cfg: PPOConfig) -> dict:
                     print(f"\nstopped by {stop.requested} at step {step}; checkpoint saved to {last_ckpt}")
                 break
     bar.close()
-    summary = {"steps": step, "last_checkpoint": str(last_ckpt), "history": history}
+    summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes, "history": history}
     if info.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.close()

@@ -62,5 +62,25 @@ def load_recipe(name):
     path = Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
     mod = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules[spec.name] = mod  # dataclasses resolve postponed annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
+
+
+# Toy reward functions for the PPO tests (named in configs as helpers:<name>).
+def share_of_letter_a(responses, references):
+    return [sum(c == "a" for c in r) / max(len(r), 1) for r in responses]
+
+
+def reward_raises(responses, references):
+    raise ValueError("boom")
+
+
+def reward_nan(responses, references):
+    return [float("nan")] * len(responses)
+
+
+def reward_wrong_shape(responses, references):
+    return [1.0]

@@ -70,7 +70,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise MinituneError(f"{key}: expected a number, got {value!r}")
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads `resume=true` as a bool; such fields take "true"/"false"
+            return str(value).lower()
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise MinituneError(f"{key}: expected a string, got {value!r}")
     if tp is Any:
@@ -90,6 +92,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     for key, value in (data or {}).items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            close += [n for n in names if n not in close and (key.startswith(n) or n.startswith(key))]
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else f"; valid keys: {', '.join(names)}"
             raise MinituneError(f"unknown config key {prefix + key!r}{hint}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)

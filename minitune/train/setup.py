@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from minitune.activations import apply_activation_checkpointing
 from minitune.adapters import PREFIX, adapter_state_dict, save_adapter
 from minitune.checkpoint import iter_safetensors, load_model
-from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, full_tensor
+from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, full_tensor, unwrap
 from minitune.errors import MinituneError
 from minitune.lora import LoRALinear, lora_layers
 from minitune.model import Transformer
@@ -89,7 +89,7 @@ def progress_bar(total: int, initial: int, info: DistInfo, run: RunSection, desc
 def gathered_adapter(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """PEFT-named adapter tensors, gathered from FSDP shards (every rank must call this)."""
     sd = {}
-    for path, layer in lora_layers(model):
+    for path, layer in lora_layers(unwrap(model)):  # DDP would prefix every name with "module."
         if name in layer.adapters:
             a = layer.adapters[name]
             sd[f"{PREFIX}{path}.lora_A.weight"] = full_tensor(a.lora_A.detach()).cpu().contiguous()

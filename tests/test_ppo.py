@@ -1,0 +1,166 @@
+"""PPO pieces against straightforward float64 loop references, and the recipe on a toy reward."""
+import json
+import math
+
+import pytest
+import torch
+
+from minitune.ppo import (AdaptiveKLController, KLEstimator, gae, kl_per_token, masked_mean, masked_var,
+                          per_token_rewards, ppo_losses, whiten)
+from minitune.train.config import parse_cli
+from helpers import load_recipe
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    B, R = len(rewards), len(rewards[0])
+    adv = [[0.0] * R for _ in range(B)]
+    for b in range(B):
+        n = lengths[b]
+        last = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b][t + 1] if t + 1 < n else 0.0
+            delta = rewards[b][t] + gamma * next_v - values[b][t]
+            last = delta + gamma * lam * last
+            adv[b][t] = last
+    ret = [[adv[b][t] + (values[b][t] if t < lengths[b] else 0.0) for t in range(R)] for b in range(B)]
+    return adv, ret
+
+
+def test_gae_matches_loop_reference_with_padding():
+    torch.manual_seed(0)
+    B, R = 4, 7
+    lengths = [7, 3, 5, 1]
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(R)] for n in lengths], dtype=torch.float64)
+    rewards = torch.randn(B, R, dtype=torch.float64) * mask
+    values = torch.randn(B, R, dtype=torch.float64)
+    for gamma, lam in [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)]:
+        adv, ret = gae(rewards, values, mask, gamma, lam)
+        ref_adv, ref_ret = gae_reference(rewards.tolist(), values.tolist(), lengths, gamma, lam)
+        assert torch.allclose(adv, torch.tensor(ref_adv, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(ret, torch.tensor(ref_ret, dtype=torch.float64), atol=1e-12)
+
+
+def test_score_lands_on_last_generated_token_and_kl_everywhere():
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 9.0, 9.0, 9.0]])
+    rewards, non_score = per_token_rewards(torch.tensor([1.0, -2.0]), kl * mask, mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, 1 - 0.15, 0], [-2.25, 0, 0, 0]]))
+    assert torch.allclose(non_score.sum(1), torch.tensor([-0.3, -0.25]))
+
+
+def test_losses_match_loop_reference():
+    torch.manual_seed(1)
+    B, R = 3, 5
+    mask = torch.tensor([[1.0] * 5, [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float64)
+    logp, old = torch.randn(B, R, dtype=torch.float64) * 0.3, torch.randn(B, R, dtype=torch.float64) * 0.3
+    v, old_v = torch.randn(B, R, dtype=torch.float64), torch.randn(B, R, dtype=torch.float64)
+    adv, ret = torch.randn(B, R, dtype=torch.float64), torch.randn(B, R, dtype=torch.float64)
+    pg, vf, st = ppo_losses(logp, old, v, old_v, adv, ret, mask, cliprange=0.2, cliprange_value=0.2)
+    pg_terms, vf_terms, clipped = [], [], 0
+    for b in range(B):
+        for t in range(R):
+            if mask[b, t] == 0:
+                continue
+            r = math.exp(logp[b, t] - old[b, t])
+            a = adv[b, t].item()
+            pg_terms.append(max(-a * r, -a * min(max(r, 0.8), 1.2)))
+            clipped += (-a * min(max(r, 0.8), 1.2)) > (-a * r)
+            vc = old_v[b, t] + min(max(v[b, t] - old_v[b, t], -0.2), 0.2)
+            vf_terms.append(max((v[b, t] - ret[b, t]) ** 2, (vc - ret[b, t]) ** 2).item())
+    assert pg.item() == pytest.approx(sum(pg_terms) / len(pg_terms), abs=1e-12)
+    assert vf.item() == pytest.approx(0.5 * sum(vf_terms) / len(vf_terms), abs=1e-12)
+    assert st.pg_clipfrac.item() == pytest.approx(clipped / len(pg_terms))
+
+
+def test_kl_estimators():
+    lp, rp = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(kl_per_token(lp, rp, KLEstimator.KL), torch.tensor([[0.5, -1.0]]))
+    assert torch.allclose(kl_per_token(lp, rp, KLEstimator.ABS), torch.tensor([[0.5, 1.0]]))
+    assert torch.allclose(kl_per_token(lp, rp, KLEstimator.MSE), torch.tensor([[0.125, 0.5]]))
+    logits, ref = torch.randn(1, 2, 10), torch.randn(1, 2, 10)
+    full = kl_per_token(lp, rp, KLEstimator.FULL, logits, ref)
+    exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=logits),
+                                              torch.distributions.Categorical(logits=ref))
+    assert torch.allclose(full, exact, atol=1e-6)
+
+
+def test_masked_whitening_uses_unbiased_variance():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert masked_mean(x, m).item() == pytest.approx(2.0)
+    assert masked_var(x, m).item() == pytest.approx(1.0)  # unbiased: ((1)+(0)+(1)) / 2
+    w = whiten(x, m)
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
+
+
+def test_adaptive_kl_controller():
+    c = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    c.update(12.0, 256)  # error clipped to +0.2
+    assert c.value == pytest.approx(0.2 * (1 + 0.2 * 256 / 10000))
+    c2 = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    c2.update(3.0, 100)  # error -0.5 clipped to -0.2
+    assert c2.value == pytest.approx(0.2 * (1 - 0.2 * 100 / 10000))
+
+
+@pytest.fixture(scope="module")
+def toy_folder(tmp_path_factory):
+    """A tiny model over a 40-token vocabulary, with its own tokenizer (no chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("toy") / "m"
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["add two numbers please", "the cat sat on a mat"] * 20, trainer)
+    folder.mkdir(parents=True)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128, eos_token_id=2, pad_token_id=1,
+                                 initializer_range=0.3)).save_pretrained(folder)  # peaked logits LoRA can move
+    prompts = folder.parent / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["add two", "the cat", "numbers please", "sat on"] * 8))
+    return folder, prompts
+
+
+@pytest.mark.slow
+def test_ppo_raises_a_toy_reward_with_one_base(toy_folder, tmp_path):
+    folder, prompts = toy_folder
+    ppo = load_recipe("ppo")
+    args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+            "run.max_steps=30", "run.save_every=0", "ppo.rollout_batch=32", "ppo.mini_batch=16", "ppo.ppo_epochs=4",
+            "gen.min_new_tokens=8", "gen.max_new_tokens=8", "optim.lr=3e-3", "ppo.init_kl_coef=0.05", "init_adapter=",
+            "reward.function=helpers:share_of_letter_a", "lora.r=8", "ppo.adaptive_kl=false", "sample_every=0"]
+    out = ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 'ppo'}"]))
+    scores = [h["score_mean"] for h in out["history"]]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.05, scores
+    assert all(math.isfinite(h["kl"]) for h in out["history"])
+    assert max(abs(h["kl"]) for h in out["history"]) < 10.0  # KL stays bounded
+    # one base: PPO holds the same base parameter storage as SFT on the same model
+    sft = load_recipe("lora_sft")
+    sft_out = sft.train(parse_cli(sft.SFTConfig, [f"model.path={folder}", f"data.source={prompts}", "data.template=text",
+                                                  "data.text_column=prompt", "run.max_steps=1", "run.progress=false",
+                                                  "data.seq_length=8", "data.holdout=4", "eval.accuracy=false",
+                                                  f"run.output_dir={tmp_path / 'sft'}"]))
+    assert out["base_param_bytes"] == sft_out["base_param_bytes"]
+
+
+def test_reward_function_errors_are_named(toy_folder, tmp_path):
+    from minitune import MinituneError
+
+    folder, prompts = toy_folder
+    ppo = load_recipe("ppo")
+    base = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+            "run.max_steps=1", "ppo.rollout_batch=4", "ppo.mini_batch=4", "gen.min_new_tokens=2",
+            "gen.max_new_tokens=2", "init_adapter="]
+    for fn, msg in [("helpers:reward_raises", "raised ValueError"), ("helpers:reward_nan", "non-finite"),
+                    ("helpers:reward_wrong_shape", "returned 1 scores for 4 responses"),
+                    ("helpers:no_such_fn", "cannot be imported")]:
+        with pytest.raises(MinituneError, match=msg):
+            ppo.train(parse_cli(ppo.PPOConfig, base + [f"reward.function={fn}", f"run.output_dir={tmp_path / fn}"]))
