@@ -20,7 +20,7 @@ import torch
 
 from minitune.adapters import save_adapter
 from minitune.data import Columns, ConstantLengthDataset, load_rows, make_formatter, split_rows
-from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
+from minitune.data.synthetic import is_correct, train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
 from minitune.generate import generate, left_pad
@@ -28,7 +28,8 @@ from minitune.lora import apply_lora, base_parameter_bytes
 from minitune.memory import check_fits
 from minitune.tokenizer import load_tokenizer
 from minitune.train.checkpointing import CheckpointManager
-from minitune.train.config import parse_cli, to_dict
+from minitune.train.cli import report_stop, run_recipe, should_save, write_summary
+from minitune.train.config import to_dict
 from minitune.train.metrics import MetricsLogger
 from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
                                      resolve_grad_accum)
@@ -232,12 +233,11 @@ def train(cfg: SFTConfig) -> dict:
                 ev = evaluate(model, eval_ds, cfg, device)
                 log.log(step, **ev)
             stopping = stop.requested is not None
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping or step == total_steps:
+            if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="default", optimizer=opt, scheduler=sched,
                                        data_state=train_ds.state_dict(), info=info, base_name=cfg.model.path)
             if stopping:
-                if info.is_main:
-                    print(f"\nstopped by {stop.requested} at step {step}; checkpoint saved to {last_ckpt}")
+                report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
 
@@ -256,7 +256,7 @@ def train(cfg: SFTConfig) -> dict:
     if info.is_main:
         save_adapter(unwrap(model), out_dir / "adapter", state_dict=sd, base_model_name_or_path=cfg.model.path)
         log.log(step, **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(out_dir, summary)
         print(json.dumps(summary, indent=2))
     log.close()
     cleanup()
@@ -264,13 +264,7 @@ def train(cfg: SFTConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_cli(SFTConfig, sys.argv[1:] if argv is None else argv)
-        train(cfg)
-    except MinituneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_recipe(SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

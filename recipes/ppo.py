@@ -11,9 +11,7 @@ Python function (`module:function`) or a reward adapter + head from recipes/rewa
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
-import json
 import random
 import sys
 import time
@@ -33,12 +31,12 @@ from minitune.errors import MinituneError
 from minitune.generate import generate, left_pad, positions_from_mask
 from minitune.lora import apply_lora, base_parameter_bytes, disable_adapters, set_adapter, use_adapter
 from minitune.ppo import (AdaptiveKLController, FixedKLController, KLEstimator, Trajectory, check_scores,
-                          entropy_from_logits, explained_variance, gae, kl_per_token, logprobs_from_logits, masked_mean,
-                          per_token_rewards, ppo_losses, response_diversity, whiten)
+                          entropy_from_logits, explained_variance, gae, kl_per_token, logprobs_from_logits, per_token_rewards, ppo_losses, response_diversity, whiten)
 from minitune.reward import load_reward_adapter, sequence_rewards
 from minitune.tokenizer import load_tokenizer
 from minitune.train.checkpointing import CheckpointManager
-from minitune.train.config import parse_cli, to_dict
+from minitune.train.cli import report_stop, run_recipe, should_save, write_summary
+from minitune.train.config import to_dict
 from minitune.train.metrics import MetricsLogger
 from minitune.train.sections import DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection
 from minitune.train.setup import (build_base, finish_model, model_path, prepare_output, progress_bar, restore_adapter,
@@ -365,31 +363,25 @@ def train(cfg: PPOConfig) -> dict:
             bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{kl_mean:.3f}")
             bar.update(1)
             stopping = stop.requested is not None
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping or step == cfg.run.max_steps:
+            if should_save(cfg.run, step, cfg.run.max_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="policy", optimizer=opt, scheduler=None,
                                        data_state={"cursor": cursor}, info=info, head_tensors=value_head.tensors(),
                                        base_name=cfg.model.path,
                                        extras={"kl_ctl": kl_ctl.state_dict(), "moments": vars(moments)})
             if stopping:
-                if info.is_main:
-                    print(f"\nstopped by {stop.requested} at step {step}; checkpoint saved to {last_ckpt}")
+                report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
     summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes, "history": history}
     if info.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(out_dir, summary)
     log.close()
     cleanup()
     return summary
 
 
 def main(argv=None) -> int:
-    try:
-        train(parse_cli(PPOConfig, sys.argv[1:] if argv is None else argv))
-    except MinituneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_recipe(PPOConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from minitune.memory import check_fits
 from minitune.reward import RewardHead, pairwise_loss, sequence_rewards
 from minitune.tokenizer import load_tokenizer
 from minitune.train.checkpointing import CheckpointManager
-from minitune.train.config import parse_cli, to_dict
+from minitune.train.cli import report_stop, run_recipe, should_save, write_summary
+from minitune.train.config import to_dict
 from minitune.train.metrics import MetricsLogger
 from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
                                      resolve_grad_accum)
@@ -218,13 +219,12 @@ def train(cfg: RewardConfig) -> dict:
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
                 log.log(step, **evaluate(model, head, eval_pairs, cfg, tok.pad_id, device))
             stopping = stop.requested is not None
-            if (cfg.run.save_every and step % cfg.run.save_every == 0) or stopping or step == total_steps:
+            if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="reward", optimizer=opt, scheduler=sched,
                                        data_state={"batch_index": batch_index}, info=info, head_tensors=head.tensors(),
                                        base_name=cfg.model.path, task_type="SEQ_CLS")
             if stopping:
-                if info.is_main:
-                    print(f"\nstopped by {stop.requested} at step {step}; checkpoint saved to {last_ckpt}")
+                report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
 
@@ -236,7 +236,7 @@ def train(cfg: RewardConfig) -> dict:
         save_adapter(unwrap(model), out_dir / "adapter", "reward", state_dict=sd, extra_tensors=head.tensors(),
                      base_model_name_or_path=cfg.model.path, task_type="SEQ_CLS", modules_to_save=["score"])
         log.log(step, **summary["after"])
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_summary(out_dir, summary)
         print(json.dumps(summary, indent=2))
     log.close()
     cleanup()
@@ -244,12 +244,7 @@ def train(cfg: RewardConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        train(parse_cli(RewardConfig, sys.argv[1:] if argv is None else argv))
-    except MinituneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_recipe(RewardConfig, train, argv)
 
 
 if __name__ == "__main__":

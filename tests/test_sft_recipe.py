@@ -155,10 +155,11 @@ def test_bad_config_errors_before_compute(tiny, tmp_path):
 
 
 def test_shipped_configs_load():
-    for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
-        cls = {"sft": sft.SFTConfig}.get(path.name.split("_")[0])
-        if cls is not None:
-            load_config(cls, path)
+    classes = {"sft": sft.SFTConfig, "reward": load_recipe("reward_model").RewardConfig, "ppo": load_recipe("ppo").PPOConfig}
+    paths = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        load_config(classes[path.name.split("_")[0]], path)
 
 
 def _torchrun(args, nproc=2):

@@ -56,18 +56,32 @@ def train_eval_split(n_train: int = 2000, n_eval: int = 200, seed: int = 0) -> t
 
 
 def wrong_answer(ex: dict, rng: random.Random) -> str:
-    """A plausible but wrong answer of the same form (for preference pairs)."""
+    """A wrong answer of the kind small models actually give: echoing the input instead of working
+    on it (for preference pairs). Reverse/sort: the input list unchanged; convert: the number left
+    unconverted; add: one operand repeated. Subtler errors (one wrong digit in a sum) are not
+    learnable by a small reward model in minutes: see `digit_error_answer`."""
+    fam, ans = ex["family"], ex["answer"]
+    if fam in ("reverse", "sort"):
+        given = ex["prompt"].split(": ", 1)[1]
+        if normalize(given) != normalize(ans):
+            return given
+        xs = ans.split(", ")
+        return ", ".join(xs[1:] + xs[:1])
+    if fam == "add":
+        a, b = re.findall(r"\d+", ex["prompt"])
+        return rng.choice([a, b])
+    return ex["prompt"].split()[1]  # "Convert 7 km to m." -> "7"
+
+
+def digit_error_answer(ex: dict, rng: random.Random) -> str:
+    """A harder wrong answer: the right form with one digit or power of ten off."""
     fam, ans = ex["family"], ex["answer"]
     if fam in ("reverse", "sort"):
         xs = ans.split(", ")
-        while True:
-            ys = xs[:]
-            rng.shuffle(ys)
-            if ys != xs:
-                return ", ".join(ys)
+        xs[0], xs[1] = xs[1], xs[0]
+        return ", ".join(xs)
     value = int(ans)
-    delta = rng.choice([-1, 1]) * rng.choice([1, 2, 10, 100]) if fam == "add" else rng.choice([value // 10, value * 10 - value, -value // 2])
-    return str(value + (delta or 1))
+    return str(value + rng.choice([-100, -10, 10, 100])) if fam == "add" else str(rng.choice([value // 10, value * 10]))
 
 
 def normalize(text: str) -> str:

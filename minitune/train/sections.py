@@ -1,7 +1,7 @@
 """Config sections shared by the recipes. Each recipe's config is a dataclass made of these."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import torch

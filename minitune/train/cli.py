@@ -1,0 +1,34 @@
+"""The few lines every recipe ends with: run from the command line, decide when to save, finish."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from minitune.errors import MinituneError
+from minitune.train.config import parse_cli
+from minitune.train.sections import RunSection
+
+
+def run_recipe(config_cls, train: Callable, argv=None) -> int:
+    """Parses `[--config FILE] [key=value ...]`, trains, and turns a MinituneError into one line and exit code 2."""
+    try:
+        train(parse_cli(config_cls, sys.argv[1:] if argv is None else argv))
+    except MinituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def should_save(run: RunSection, step: int, total_steps: int, stopping: bool) -> bool:
+    return bool((run.save_every and step % run.save_every == 0) or stopping or step == total_steps)
+
+
+def report_stop(signal_name: str, step: int, checkpoint, is_main: bool) -> None:
+    if is_main:
+        print(f"\nstopped by {signal_name} at step {step}; checkpoint saved to {checkpoint}")
+
+
+def write_summary(out_dir: Path, summary: dict) -> None:
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
