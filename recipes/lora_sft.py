@@ -20,10 +20,10 @@ import torch
 
 from minitune.adapters import save_adapter
 from minitune.data import Columns, ConstantLengthDataset, load_rows, make_formatter, split_rows
-from minitune.data.synthetic import is_correct, train_eval_split
+from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
-from minitune.generate import generate, left_pad
+from minitune.evaluation import greedy_accuracy
 from minitune.lora import apply_lora, base_parameter_bytes
 from minitune.memory import check_fits
 from minitune.tokenizer import load_tokenizer
@@ -116,20 +116,11 @@ def evaluate(model, eval_ds, cfg: SFTConfig, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
 
-@torch.no_grad()
 def answer_accuracy(model, tok, examples, cfg: SFTConfig, device) -> tuple[float, list[tuple[str, str, str]]]:
     """Greedy answers to held-out synthetic prompts; (exact-match accuracy, a few samples)."""
-    m = unwrap(model).eval()
-    prompts = [tok.encode(tok.apply_chat_template(ex["messages"][:2], add_generation_prompt=True)) for ex in examples]
-    answers = []
-    for i in range(0, len(prompts), cfg.eval.batch_size):
-        ids, mask = left_pad(prompts[i: i + cfg.eval.batch_size], tok.pad_id, device)
-        out = generate(m, ids, mask, max_new_tokens=cfg.eval.max_new_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
-        answers += [tok.decode(t[: int(n)]) for t, n in zip(out.tokens, out.lengths)]
-    m.train()
-    correct = [is_correct(a, ex["answer"]) for a, ex in zip(answers, examples)]
-    samples = [(ex["prompt"], a, ex["answer"]) for ex, a in zip(examples, answers)][: cfg.eval.samples]
-    return sum(correct) / max(len(correct), 1), samples
+    acc, rows = greedy_accuracy(unwrap(model), tok, examples, max_new_tokens=cfg.eval.max_new_tokens,
+                                batch_size=cfg.eval.batch_size, device=device)
+    return acc, rows[: cfg.eval.samples]
 
 
 def count_tokens(train_ds: ConstantLengthDataset, n_rows: int) -> int:

@@ -26,6 +26,7 @@ from minitune.data import load_rows
 from minitune.data.preference import split_hh
 from minitune.data.prompts import encode_prompts
 from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
+from minitune.evaluation import greedy_accuracy
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
 from minitune.generate import generate, left_pad, positions_from_mask
@@ -92,7 +93,7 @@ class PPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
     data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=2000, synthetic_eval=64))
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=2e-4, warmup_steps=0, schedule="constant"))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, warmup_steps=0, schedule="constant"))
     run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/ppo", max_steps=16, save_every=8))
     wandb: WandbSection = field(default_factory=WandbSection)
     ppo: PPOSection = field(default_factory=lambda: PPOSection(rollout_batch=24, mini_batch=8, ppo_epochs=2,
@@ -101,6 +102,7 @@ class PPOConfig:
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # SFT adapter to start from; "auto": outputs/lora_sft/adapter if present; "": none
     sample_every: int = 4
+    eval_accuracy: bool = True  # synthetic task: greedy exact-match accuracy on held-out prompts before/after
 
 
 class ValueHead(nn.Module):
@@ -258,6 +260,13 @@ def train(cfg: PPOConfig) -> dict:
     rng = random.Random(cfg.run.seed + 7919 * info.rank + step)
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "ppo")
     policy = unwrap(model)
+    held_out = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)[1] \
+        if cfg.data.source == "synthetic" and cfg.eval_accuracy else None
+    before = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.gen.max_new_tokens, device=device)[0] \
+        if held_out and step == 0 else None
+    if before is not None and info.is_main:
+        print(f"held-out greedy exact-match accuracy before PPO: {before:.3f}")
+        log.log(0, eval_accuracy=before)
     with StopSignal() as stop:
         while step < cfg.run.max_steps:
             # 1. Rollout: sample prompts, generate with the policy (KV cache, no grad, eval mode).
@@ -372,7 +381,15 @@ def train(cfg: PPOConfig) -> dict:
                 report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
-    summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes, "history": history}
+    summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes}
+    if held_out:
+        summary["eval_accuracy_before"] = before
+        summary["eval_accuracy_after"] = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.gen.max_new_tokens,
+                                                         device=device)[0]
+        if info.is_main:
+            print(f"held-out greedy exact-match accuracy after PPO: {summary['eval_accuracy_after']:.3f}")
+            log.log(step, eval_accuracy=summary["eval_accuracy_after"])
+    summary["history"] = history
     if info.is_main:
         write_summary(out_dir, summary)
     log.close()
