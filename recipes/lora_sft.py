@@ -181,6 +181,11 @@ def train(cfg: SFTConfig) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.model.autocast and device.type == "cuda" else contextlib.nullcontext()
     summary: dict = {"steps": total_steps, "base_param_bytes": base_bytes}
     do_accuracy = examples is not None and cfg.eval.accuracy
+    if step == 0:
+        summary["eval_loss_before"] = evaluate(model, eval_ds, cfg, device)["eval_loss"]
+        if info.is_main:
+            print(f"held-out loss before training: {summary['eval_loss_before']:.4f}")
+            log.log(0, eval_loss=summary["eval_loss_before"])
     if do_accuracy and step == 0:
         acc, samples = answer_accuracy(model, tok, examples, cfg, device)
         summary["accuracy_before"] = acc
