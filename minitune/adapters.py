@@ -25,33 +25,14 @@ CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
 def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """PEFT-named A/B tensors of adapter `name`, on CPU. Under DDP the wrapper's "module." prefix is
-    dropped; under FSDP shards are gathered, so every rank must call this."""
-    from minitune.distributed import full_tensor, unwrap
-
+    """PEFT-named A/B tensors of adapter `name`."""
     sd = {}
-    for path, layer in lora_layers(unwrap(model)):
+    for path, layer in lora_layers(model):
         if name in layer.adapters:
             a = layer.adapters[name]
-            sd[f"{PREFIX}{path}.lora_A.weight"] = full_tensor(a.lora_A.detach()).cpu().contiguous()
-            sd[f"{PREFIX}{path}.lora_B.weight"] = full_tensor(a.lora_B.detach()).cpu().contiguous()
+            sd[f"{PREFIX}{path}.lora_A.weight"] = a.lora_A.detach().cpu().contiguous()
+            sd[f"{PREFIX}{path}.lora_B.weight"] = a.lora_B.detach().cpu().contiguous()
     return sd
-
-
-def split_adapter_tensors(tensors: dict[str, torch.Tensor], source) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """PEFT file tensors -> ({module path: {"A": A, "B": B}}, extra tensors such as score.weight),
-    names without the `base_model.model.` prefix."""
-    lora, extra = {}, {}
-    for key, t in tensors.items():
-        k = key.removeprefix(PREFIX)
-        if ".lora_A." in k or ".lora_B." in k:
-            path, _, rest = k.partition(".lora_")
-            lora.setdefault(path, {})[rest[0]] = t
-        elif "lora_embedding" in k or "lora_magnitude" in k:
-            raise MinituneError(f"{source}: {key} is not supported (embedding LoRA / DoRA)")
-        else:
-            extra[k] = t
-    return lora, extra
 
 
 def save_adapter(
@@ -121,7 +102,18 @@ def load_adapter(
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise MinituneError(f"{folder}: no {WEIGHTS_NAME}")
-    lora, extra = split_adapter_tensors(dict(iter_safetensors(weights)), weights)
+    tensors = dict(iter_safetensors(weights))
+    lora, extra = {}, {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        if ".lora_A." in k or ".lora_B." in k:
+            path, _, rest = k.partition(".lora_")
+            which = rest[0]  # "A" or "B"
+            lora.setdefault(path, {})[which] = t
+        elif "lora_embedding" in k or "lora_magnitude" in k:
+            raise MinituneError(f"{weights}: {key} is not supported (embedding LoRA / DoRA)")
+        else:
+            extra[k] = t
     if not lora:
         raise MinituneError(f"{weights}: no LoRA tensors")
     modules = dict(model.named_modules())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.adapters import adapter_state_dict, save_adapter
+from minitune.adapters import save_adapter
 from minitune.data import Columns, ConstantLengthDataset, load_rows, make_formatter, split_rows
 from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
@@ -246,7 +246,9 @@ def train(cfg: SFTConfig) -> dict:
         if info.is_main:
             for prompt, ans, ref in samples:
                 print(f"  Q: {prompt}\n  A: {ans!r} (reference {ref})")
-    sd = adapter_state_dict(model, "default")
+    from minitune.train.setup import gathered_adapter
+
+    sd = gathered_adapter(model, "default")
     if info.is_main:
         save_adapter(unwrap(model), out_dir / "adapter", state_dict=sd, base_model_name_or_path=cfg.model.path)
         log.log(step, **{k: v for k, v in summary.items() if isinstance(v, (int, float))})

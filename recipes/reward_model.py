@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.adapters import adapter_state_dict, save_adapter
+from minitune.adapters import save_adapter
 from minitune.data import load_rows, split_rows
 from minitune.data.preference import PairStats, PreferencePair, collate_pairs, parse_pairs, tokenize_pair
 from minitune.data.prompts import render_prompt
@@ -35,7 +35,7 @@ from minitune.train.config import to_dict
 from minitune.train.metrics import MetricsLogger
 from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
                                      resolve_grad_accum)
-from minitune.train.setup import (build_base, finish_model, model_path, prepare_output, progress_bar,
+from minitune.train.setup import (build_base, finish_model, gathered_adapter, model_path, prepare_output, progress_bar,
                                   restore_adapter, restore_state, save_state)
 from minitune.train.utils import StopSignal, build_optimizer, check_finite, lr_lambda, seed_everything
 
@@ -231,7 +231,7 @@ def train(cfg: RewardConfig) -> dict:
     # 6. Final evaluation and the reward adapter + head.
     summary["after"] = evaluate(model, head, eval_pairs, cfg, tok.pad_id, device)
     summary.update(final_step=step, train_seconds=round(time.perf_counter() - t_start, 1), last_checkpoint=str(last_ckpt))
-    sd = adapter_state_dict(model, "reward")
+    sd = gathered_adapter(model, "reward")
     if info.is_main:
         save_adapter(unwrap(model), out_dir / "adapter", "reward", state_dict=sd, extra_tensors=head.tensors(),
                      base_model_name_or_path=cfg.model.path, task_type="SEQ_CLS", modules_to_save=["score"])

@@ -8,11 +8,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitune.activations import apply_activation_checkpointing
-from minitune.adapters import adapter_state_dict, save_adapter, split_adapter_tensors
+from minitune.adapters import PREFIX, adapter_state_dict, save_adapter
 from minitune.checkpoint import iter_safetensors, load_model
-from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, full_tensor
+from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, full_tensor, unwrap
 from minitune.errors import MinituneError
-from minitune.lora import lora_layers
+from minitune.lora import LoRALinear, lora_layers
 from minitune.model import Transformer
 from minitune.quant import as_dtype, prepare_for_kbit_training
 from minitune.train.checkpointing import (CheckpointManager, load_optimizer_state, load_pt, local_optimizer_state,
@@ -86,13 +86,24 @@ def progress_bar(total: int, initial: int, info: DistInfo, run: RunSection, desc
 # checkpoints
 
 
+def gathered_adapter(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """PEFT-named adapter tensors, gathered from FSDP shards (every rank must call this)."""
+    sd = {}
+    for path, layer in lora_layers(unwrap(model)):  # DDP would prefix every name with "module."
+        if name in layer.adapters:
+            a = layer.adapters[name]
+            sd[f"{PREFIX}{path}.lora_A.weight"] = full_tensor(a.lora_A.detach()).cpu().contiguous()
+            sd[f"{PREFIX}{path}.lora_B.weight"] = full_tensor(a.lora_B.detach()).cpu().contiguous()
+    return sd
+
+
 def save_state(
     mgr: CheckpointManager, step: int, model: nn.Module, *, adapter: str, optimizer, scheduler, data_state: dict,
     info: DistInfo, extras: dict | None = None, head_tensors: dict[str, torch.Tensor] | None = None,
     base_name: str = "", task_type: str = "CAUSAL_LM",
 ) -> Path:
     """Writes a full training checkpoint atomically (see minitune.train.checkpointing)."""
-    sd = adapter_state_dict(model, adapter)
+    sd = gathered_adapter(model, adapter)
     heads = {k: full_tensor(v.detach()).cpu() for k, v in (head_tensors or {}).items()}
 
     def write(tmp: Path):
@@ -111,14 +122,18 @@ def save_state(
 def restore_adapter(model: nn.Module, ckpt: Path, adapter: str) -> dict[str, torch.Tensor]:
     """Copies the checkpoint's adapter into the (unsharded) model's adapter `adapter`; returns the
     extra (head) tensors with the PEFT prefix stripped."""
-    weights = ckpt / "adapter" / "adapter_model.safetensors"
-    lora, extra = split_adapter_tensors(dict(iter_safetensors(weights)), weights)
+    tensors = dict(iter_safetensors(ckpt / "adapter" / "adapter_model.safetensors"))
     layers = dict(lora_layers(model))
+    extra = {}
     with torch.no_grad():
-        for path, ab in lora.items():
-            a = layers[path].adapters[adapter]
-            a.lora_A.copy_(ab["A"])
-            a.lora_B.copy_(ab["B"])
+        for key, t in tensors.items():
+            k = key.removeprefix(PREFIX)
+            if ".lora_A." in k or ".lora_B." in k:
+                path, _, rest = k.partition(".lora_")
+                layer: LoRALinear = layers[path]
+                getattr(layer.adapters[adapter], "lora_" + rest[0]).copy_(t)
+            else:
+                extra[k] = t
     return extra
 
 
@@ -133,5 +148,5 @@ def restore_state(ckpt: Path, optimizer, scheduler, info: DistInfo) -> tuple[int
     return int(common["step"]), mine["data"], common.get("extras", {})
 
 
-__all__ = ["build_base", "finish_model", "model_path", "prepare_output", "progress_bar", "restore_adapter", "restore_state",
-           "save_state"]
+__all__ = ["adapter_state_dict", "build_base", "finish_model", "gathered_adapter", "model_path", "prepare_output",
+           "progress_bar", "restore_adapter", "restore_state", "save_state"]
