@@ -44,8 +44,8 @@ MODES = ("full", "lora", "lora8bit", "qlora", "qlora-nodq")
 PEAK_FLOPS = {"cuda": 989e12}  # H100 SXM dense bf16
 
 
-def make_checkpoint(model: str, folder: Path, dtype: str) -> Path:
-    """A random-weight HF folder for `model`, written layer by layer (fits any host RAM)."""
+def make_checkpoint(model: str, folder: Path, dtype: str, **overrides) -> Path:
+    """A random-weight HF folder for `model` (config values in `overrides` replace the shape's)."""
     import torch
 
     from minitune.checkpoint import save_model
@@ -54,7 +54,7 @@ def make_checkpoint(model: str, folder: Path, dtype: str) -> Path:
     if (folder / "config.json").exists():
         return folder
     cfg = ModelConfig.from_hf({"model_type": "llama", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-                               "bos_token_id": 1, "eos_token_id": 2, **SHAPES[model]})
+                               "bos_token_id": 1, "eos_token_id": 2, **SHAPES[model], **overrides})
     m = build_model(cfg, dtype=getattr(torch, dtype), seed=0)
     save_model(m, folder, max_shard_bytes=2 * 2**30)
     return folder
