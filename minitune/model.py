@@ -347,6 +347,7 @@ class Transformer(nn.Module):
         *,
         cache_pos: int = 0,
         return_logits: bool = True,
+        logits_from: int = 0,
         inputs_embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Runs the decoder.
@@ -354,7 +355,8 @@ class Transformer(nn.Module):
         input_ids: [B, T]. position_ids: [B, T]; positions that restart (packing) isolate
         documents. attention_mask: [B, S] padding mask over the cache plus these tokens (1 = real),
         S = cache_pos + T. cache_pos: where these tokens start in the KV cache (set up with
-        `setup_cache`). Returns logits [B, T, V] and the final hidden states [B, T, D].
+        `setup_cache`). Returns logits [B, T - logits_from, V] and the final hidden states [B, T, D];
+        `logits_from` skips the output projection where no prediction is needed (PPO's prompt part).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -367,7 +369,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         h = self.model.norm(x)
-        return ModelOutput(self.lm_head(h) if return_logits else None, h)
+        return ModelOutput(self.lm_head(h[:, logits_from:] if logits_from else h) if return_logits else None, h)
 
 
 def build_model(cfg: ModelConfig, *, device="cpu", dtype=torch.float32, seed: int | None = 0) -> Transformer:

@@ -45,6 +45,10 @@ def test_explicit_positions_and_hidden_states(tmp_path):
         out = ours(ids, position_ids=pos)
     assert (out.logits - ref.logits).abs().max() <= 1e-4
     assert (out.hidden - ref.hidden_states[-1]).abs().max() <= 1e-4
+    with torch.no_grad():
+        tail = ours(ids, position_ids=pos, logits_from=7)  # PPO skips the prompt's logits
+    assert tail.logits.shape == (1, 5, out.logits.shape[-1])
+    assert torch.allclose(tail.logits, out.logits[:, 7:], atol=1e-6) and torch.equal(tail.hidden, out.hidden)
 
 
 def test_llama3_rope_scaling_changes_low_frequencies_only():
