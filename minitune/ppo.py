@@ -108,6 +108,17 @@ def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor
     return rewards, non_score
 
 
+def leave_one_out_baseline(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """scores [B] in contiguous groups of `group` responses to one prompt -> each score minus the mean
+    of the other responses to its prompt (RLOO). A prompt whose answers all score alike then pushes
+    nothing, so easy and hard prompts stop looking like good and bad actions."""
+    if group < 2 or scores.numel() % group:
+        raise MinituneError(f"a leave-one-out baseline needs groups of >= 2 responses; got {scores.numel()} "
+                            f"scores in groups of {group}")
+    g = scores.view(-1, group)
+    return (g - (g.sum(1, keepdim=True) - g) / (group - 1)).flatten()
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
     """(advantages [B, R], returns [B, R]) with generalized advantage estimation; the value after
     the last response token is 0. Masked positions contribute nothing."""
@@ -213,6 +224,23 @@ def response_diversity(responses: list[str]) -> float:
     return len(set(responses)) / max(len(responses), 1)
 
 
-__all__ = ["AdaptiveKLController", "FixedKLController", "KLEstimator", "PPOStats", "Trajectory", "check_scores",
-           "entropy_from_logits", "explained_variance", "gae", "kl_per_token", "logprobs_from_logits", "masked_mean",
-           "masked_var", "per_token_rewards", "ppo_losses", "response_diversity", "whiten"]
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KLEstimator",
+    "PPOStats",
+    "Trajectory",
+    "check_scores",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_per_token",
+    "leave_one_out_baseline",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "per_token_rewards",
+    "ppo_losses",
+    "response_diversity",
+    "whiten",
+]

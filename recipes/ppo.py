@@ -32,7 +32,7 @@ from minitune.errors import MinituneError
 from minitune.generate import generate, left_pad, positions_from_mask
 from minitune.lora import apply_lora, base_parameter_bytes, disable_adapters, set_adapter, use_adapter
 from minitune.ppo import (AdaptiveKLController, FixedKLController, KLEstimator, Trajectory, check_scores,
-                          entropy_from_logits, explained_variance, gae, kl_per_token, logprobs_from_logits, per_token_rewards, ppo_losses, response_diversity, whiten)
+                          entropy_from_logits, explained_variance, gae, kl_per_token, leave_one_out_baseline, logprobs_from_logits, per_token_rewards, ppo_losses, response_diversity, whiten)
 from minitune.reward import load_reward_adapter, sequence_rewards
 from minitune.tokenizer import load_tokenizer
 from minitune.train.checkpointing import CheckpointManager
@@ -67,9 +67,13 @@ class PPOSection:
     score_scale: float = 1.0
     score_norm: bool = False  # divide scores by their running std
     score_baseline: bool = False  # subtract the running mean score
+    samples_per_prompt: int = 1  # responses sampled per prompt; rollout_batch counts responses
+    group_baseline: bool = False  # subtract the mean score of the prompt's other responses (RLOO); needs >= 2
     score_clip: float = 0.0  # 0: no clipping
     missing_eos_penalty: float = 0.0  # subtracted from the score of responses with no EOS
     value_dropout: float = 0.1
+    value_detach: bool = False  # train the value head on detached hidden states: the policy's LoRA weights then
+    # get only the policy gradient (the shared-trunk value loss can pull a small model's answers around)
 
 
 @dataclass
@@ -93,16 +97,21 @@ class PPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
     data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=2000, synthetic_eval=64))
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, warmup_steps=0, schedule="constant"))
-    run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/ppo", max_steps=16, save_every=8))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, warmup_steps=0, schedule="constant"))
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/ppo", max_steps=12, save_every=6))
     wandb: WandbSection = field(default_factory=WandbSection)
-    ppo: PPOSection = field(default_factory=lambda: PPOSection(rollout_batch=24, mini_batch=8, ppo_epochs=2,
-                                                              init_kl_coef=0.05, kl_target=1.0, kl_horizon=100.0))
-    gen: GenSection = field(default_factory=lambda: GenSection(min_new_tokens=12, max_new_tokens=20, max_prompt_length=96))
+    # CPU default: 8 prompts x 4 samples per step, each scored against its prompt's other answers (RLOO)
+    ppo: PPOSection = field(default_factory=lambda: PPOSection(
+        rollout_batch=32, samples_per_prompt=4, group_baseline=True, value_detach=True, mini_batch=16, ppo_epochs=2,
+        init_kl_coef=0.05, kl_target=1.0, kl_horizon=100.0))
+    # Every synthetic answer fits in 32 tokens with its EOS (sort/reverse need up to 23): a shorter draw
+    # would cut correct answers off and score them wrong, teaching the policy away from them.
+    gen: GenSection = field(default_factory=lambda: GenSection(min_new_tokens=32, max_new_tokens=32, max_prompt_length=96))
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # SFT adapter to start from; "auto": outputs/lora_sft/adapter if present; "": none
     sample_every: int = 4
     eval_accuracy: bool = True  # synthetic task: greedy exact-match accuracy on held-out prompts before/after
+    eval_max_new_tokens: int = 32  # answer budget of that greedy evaluation (SFT's default too)
 
 
 class ValueHead(nn.Module):
@@ -172,12 +181,14 @@ def resolve_reward_fn(spec: str):
         raise MinituneError(f"reward.function {spec!r} cannot be imported: {e}") from None
 
 
-def policy_forward(model, head: ValueHead, seq, mask, P: int, temperature: float, *, with_entropy=False):
+def policy_forward(model, head: ValueHead, seq, mask, P: int, temperature: float, *, with_entropy=False,
+                   detach_values=False):
     """Log-probs [B, R], values [B, R] (and entropy) of the response part of `seq` [B, P+R]."""
-    out = model(seq, positions_from_mask(mask), mask)
-    logits = out.logits[:, P - 1: -1]  # position t predicts token t+1
+    out = model(seq, positions_from_mask(mask), mask, logits_from=P - 1)  # no logits over the prompt
+    logits = out.logits[:, :-1]  # position t predicts token t+1: positions P-1 .. P+R-2
     logp = logprobs_from_logits(logits, seq[:, P:], temperature)
-    values = head(out.hidden[:, P - 1: -1])
+    hidden = out.hidden[:, P - 1: -1]
+    values = head(hidden.detach() if detach_values else hidden)
     ent = entropy_from_logits(logits, temperature) if with_entropy else None
     return logp, values, ent, logits
 
@@ -195,6 +206,8 @@ def scores_for(cfg, model, reward_head, reward_fn, tok, texts, refs, seq, mask, 
         raw = check_scores(out, len(texts), cfg.reward.function).to(device)
     s = raw * cfg.ppo.score_scale
     moments.update(s)
+    if cfg.ppo.group_baseline:
+        s = leave_one_out_baseline(s, cfg.ppo.samples_per_prompt)
     if cfg.ppo.score_baseline:
         s = s - moments.mean
     if cfg.ppo.score_norm:
@@ -206,7 +219,18 @@ def scores_for(cfg, model, reward_head, reward_fn, tok, texts, refs, seq, mask, 
     return s, raw
 
 
+def check_config(cfg: PPOConfig) -> None:
+    k = cfg.ppo.samples_per_prompt
+    if k < 1 or cfg.ppo.rollout_batch % k:
+        raise MinituneError(f"ppo.rollout_batch ({cfg.ppo.rollout_batch}) must be a multiple of "
+                            f"ppo.samples_per_prompt ({k}): it counts responses, {k} per prompt")
+    if cfg.ppo.group_baseline and k < 2:
+        raise MinituneError("ppo.group_baseline compares a prompt's responses with each other: set "
+                            "ppo.samples_per_prompt to 2 or more, or group_baseline=false")
+
+
 def train(cfg: PPOConfig) -> dict:
+    check_config(cfg)
     # 0. Set-up: process group, output folder, resume point, the one shared base.
     device = cfg.run.resolved_device()
     info = init_distributed(device)
@@ -262,7 +286,7 @@ def train(cfg: PPOConfig) -> dict:
     policy = unwrap(model)
     held_out = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)[1] \
         if cfg.data.source == "synthetic" and cfg.eval_accuracy else None
-    before = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.gen.max_new_tokens, device=device)[0] \
+    before = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens, device=device)[0] \
         if held_out and step == 0 else None
     if before is not None and info.is_main:
         print(f"held-out greedy exact-match accuracy before PPO: {before:.3f}")
@@ -271,8 +295,9 @@ def train(cfg: PPOConfig) -> dict:
         while step < cfg.run.max_steps:
             # 1. Rollout: sample prompts, generate with the policy (KV cache, no grad, eval mode).
             t0 = time.perf_counter()
-            idx = [mine[(cursor + i) % len(mine)] for i in range(cfg.ppo.rollout_batch)]
-            cursor += cfg.ppo.rollout_batch
+            k = cfg.ppo.samples_per_prompt
+            idx = [mine[(cursor + i) % len(mine)] for i in range(cfg.ppo.rollout_batch // k) for _ in range(k)]
+            cursor += cfg.ppo.rollout_batch // k
             texts = [prompts[i] for i in idx]
             ids, truncated = encode_prompts(texts, tok, max_length=cfg.gen.max_prompt_length,
                                             chat=cfg.data.template.value == "chat", system=SYSTEM if cfg.data.source == "synthetic" else None)
@@ -297,8 +322,8 @@ def train(cfg: PPOConfig) -> dict:
                 # 3. Log-probs under policy and reference, values from the value head.
                 logp, values, _, logits = policy_forward(policy, value_head, seq, mask, P, cfg.gen.temperature)
                 with reference():
-                    ref_out = policy(seq, positions_from_mask(mask), mask)
-                ref_logits = ref_out.logits[:, P - 1: -1]
+                    ref_out = policy(seq, positions_from_mask(mask), mask, logits_from=P - 1)
+                ref_logits = ref_out.logits[:, :-1]
                 ref_logp = logprobs_from_logits(ref_logits, gen.tokens, cfg.gen.temperature)
                 # 4. Per-token rewards: -kl_coef * kl_t, the score on the last generated token.
                 kl = kl_per_token(logp, ref_logp, cfg.ppo.kl_estimator, logits / max(cfg.gen.temperature, 1e-6),
@@ -322,7 +347,8 @@ def train(cfg: PPOConfig) -> dict:
                 for s in range(0, B, cfg.ppo.mini_batch):
                     mb = order[s: s + cfg.ppo.mini_batch].to(device)
                     new_logp, new_values, ent, _ = policy_forward(model, value_head, seq[mb], mask[mb], P,
-                                                                  cfg.gen.temperature, with_entropy=True)
+                                                                  cfg.gen.temperature, with_entropy=True,
+                                                                  detach_values=cfg.ppo.value_detach)
                     pg_loss, vf_loss, st = ppo_losses(new_logp, traj.logprobs[mb], new_values, traj.values[mb], adv[mb],
                                                       returns[mb], rmask[mb], cliprange=cfg.ppo.cliprange,
                                                       cliprange_value=cfg.ppo.cliprange_value, entropy=ent)
@@ -356,6 +382,7 @@ def train(cfg: PPOConfig) -> dict:
                 "ratio_mean": mean("ratio_mean"), "skipped_minibatches": skipped,
                 "explained_variance": explained_variance(values, returns, rmask),
                 "response_length": gen.lengths.float().mean().item(), "diversity": response_diversity(responses),
+                "no_eos_share": 1.0 - gen.ended.float().mean().item(),  # cut off by the length budget
                 "gen_tokens_per_s": float(gen.lengths.sum()) / t_gen,
                 "train_tokens_per_s": cfg.ppo.ppo_epochs * float(mask.sum()) / max(t_train, 1e-6),
                 "prompts_truncated": truncated,
@@ -384,7 +411,7 @@ def train(cfg: PPOConfig) -> dict:
     summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes}
     if held_out:
         summary["eval_accuracy_before"] = before
-        summary["eval_accuracy_after"] = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.gen.max_new_tokens,
+        summary["eval_accuracy_after"] = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens,
                                                          device=device)[0]
         if info.is_main:
             print(f"held-out greedy exact-match accuracy after PPO: {summary['eval_accuracy_after']:.3f}")

@@ -1,12 +1,13 @@
 """PPO pieces against straightforward float64 loop references, and the recipe on a toy reward."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from minitune.ppo import (AdaptiveKLController, KLEstimator, gae, kl_per_token, masked_mean, masked_var,
-                          per_token_rewards, ppo_losses, whiten)
+from minitune.ppo import (AdaptiveKLController, KLEstimator, gae, kl_per_token, leave_one_out_baseline, masked_mean,
+                          masked_var, per_token_rewards, ppo_losses, whiten)
 from minitune.train.config import parse_cli
 from helpers import load_recipe
 
@@ -93,6 +94,25 @@ def test_masked_whitening_uses_unbiased_variance():
     assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-4)
 
 
+def test_leave_one_out_baseline_matches_loop_reference():
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 2.0, -1.0], dtype=torch.float64)
+    k = 4
+    ref = []
+    for i, s in enumerate(scores.tolist()):
+        g = i // k
+        others = [scores[j].item() for j in range(g * k, g * k + k) if j != i]
+        ref.append(s - sum(others) / len(others))
+    out = leave_one_out_baseline(scores, k)
+    assert torch.allclose(out, torch.tensor(ref, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(out[4:8], torch.zeros(4, dtype=torch.float64))  # all answers alike: no push
+    from minitune import MinituneError
+
+    with pytest.raises(MinituneError, match="groups"):
+        leave_one_out_baseline(scores, 5)
+    with pytest.raises(MinituneError, match="groups"):
+        leave_one_out_baseline(scores, 1)
+
+
 def test_adaptive_kl_controller():
     c = AdaptiveKLController(0.2, target=6.0, horizon=10000)
     c.update(12.0, 256)  # error clipped to +0.2
@@ -130,9 +150,12 @@ def toy_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ppo_raises_a_toy_reward_with_one_base(toy_folder, tmp_path):
+    # TRL's path: one response per prompt, value head on the shared trunk (the CPU default's RLOO
+    # group baseline learns this toy more slowly: +0.02-0.05 in 30 steps, under this test's bar)
     folder, prompts = toy_folder
     ppo = load_recipe("ppo")
-    args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+    mode = ["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "ppo.value_detach=false"]
+    args = mode + [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=30", "run.save_every=0", "ppo.rollout_batch=32", "ppo.mini_batch=16", "ppo.ppo_epochs=4",
             "gen.min_new_tokens=8", "gen.max_new_tokens=8", "optim.lr=3e-3", "ppo.init_kl_coef=0.05", "init_adapter=",
             "reward.function=helpers:share_of_letter_a", "lora.r=8", "ppo.adaptive_kl=false", "sample_every=0"]
@@ -164,3 +187,30 @@ def test_reward_function_errors_are_named(toy_folder, tmp_path):
                     ("helpers:no_such_fn", "cannot be imported")]:
         with pytest.raises(MinituneError, match=msg):
             ppo.train(parse_cli(ppo.PPOConfig, base + [f"reward.function={fn}", f"run.output_dir={tmp_path / fn}"]))
+
+
+def test_group_settings_are_checked_before_loading(tmp_path):
+    from minitune import MinituneError
+
+    ppo = load_recipe("ppo")
+    bad = [(["ppo.rollout_batch=10", "ppo.samples_per_prompt=4"], "multiple of ppo.samples_per_prompt"),
+           (["ppo.samples_per_prompt=1", "ppo.group_baseline=true"], "samples_per_prompt to 2 or more")]
+    for args, msg in bad:
+        with pytest.raises(MinituneError, match=msg):  # model.path does not exist: the check comes first
+            ppo.train(parse_cli(ppo.PPOConfig, args + [f"model.path={tmp_path / 'none'}",
+                                                       f"run.output_dir={tmp_path / 'o'}"]))
+
+
+def test_default_rollout_budget_fits_every_synthetic_answer(demo_tok):
+    # A correct answer cut off by the length budget is scored wrong, and PPO then teaches the policy
+    # away from it (the first default drew 12-20 tokens while sort/reverse answers need up to 23).
+    from minitune.data.synthetic import train_eval_split
+
+    cfg = parse_cli(load_recipe("ppo").PPOConfig, [])
+    train, evals = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)
+    longest = max(len(demo_tok.encode(ex["answer"])) + 1 for ex in train + evals)  # + EOS
+    assert cfg.gen.min_new_tokens >= longest, (cfg.gen.min_new_tokens, longest)
+    assert cfg.eval_max_new_tokens >= longest
+    yaml_file = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_synthetic.yaml"
+    yaml_cfg = parse_cli(load_recipe("ppo").PPOConfig, ["--config", str(yaml_file)])
+    assert yaml_cfg.gen.min_new_tokens >= longest
