@@ -5,6 +5,8 @@ process group is read from torchrun's environment. gloo on CPU, NCCL on GPU.
 """
 from __future__ import annotations
 
+import gc
+
 import os
 from dataclasses import dataclass
 
@@ -50,9 +52,24 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(*wrapped: nn.Module) -> None:
+    """Ends the process group. Pass the DDP-wrapped models: their reducers are released first, while
+    every rank is still here. A reducer freed after `destroy_process_group` holds the last reference
+    to the gloo group, whose destructor can then wait forever on threads of a peer that has exited
+    (seen as a rank that never exits after its run finished)."""
+    if not dist.is_initialized():
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.barrier()
+    for m in wrapped:
+        if isinstance(m, DDP):
+            for attr in ("logger", "reducer"):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:

@@ -255,7 +255,7 @@ def train(cfg: SFTConfig) -> dict:
         write_summary(out_dir, summary)
         print(json.dumps(summary, indent=2))
     log.close()
-    cleanup()
+    cleanup(model)
     return summary
 
 

@@ -420,7 +420,7 @@ def train(cfg: PPOConfig) -> dict:
     if info.is_main:
         write_summary(out_dir, summary)
     log.close()
-    cleanup()
+    cleanup(model)
     return summary
 
 

@@ -239,7 +239,7 @@ def train(cfg: RewardConfig) -> dict:
         write_summary(out_dir, summary)
         print(json.dumps(summary, indent=2))
     log.close()
-    cleanup()
+    cleanup(model)
     return summary
 
 
