@@ -44,7 +44,7 @@ def random_checkpoint(shape: str, dtype: str, tokenizer: str) -> Path:
 
         tokenizer = str(demo_model_path())
     folder = make_checkpoint(shape, Path(tempfile.gettempdir()) / f"minitune-ppo-bench-{shape}-{dtype}", dtype,
-                             vocab_size=49152, bos_token_id=1, eos_token_id=2)
+                             vocab_size=49152)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(Path(tokenizer) / name, folder / name)
     return folder
@@ -101,17 +101,18 @@ def main(argv=None):
         return
     if a.shape:
         a.path = str(random_checkpoint(a.shape, a.dtype, a.tokenizer))
+    base = a.quant if a.quant != "none" else a.dtype
     rows = []
     for kind in ("sft", "ppo"):
         r = run_worker(Path(__file__), [f"--kind={kind}", f"--batch={a.batch}", f"--new={a.new}", f"--seq={a.seq}",
                                         f"--reward-adapter={a.reward_adapter}", f"--path={a.path}", f"--dtype={a.dtype}",
                                         f"--quant={a.quant}"] + (["--gc"] if a.gc else []))
-        rows.append({"run": kind, "model": a.shape or "smollm2-135m (demo)", "base": a.quant if a.quant != "none" else a.dtype,
+        rows.append({"run": kind, "model": a.shape or "smollm2-135m (demo)", "base": base,
                      "batch": a.batch, "peak GiB": r.get("peak_alloc", r["peak_rss"]) / 2**30,
                      "measure": "max_memory_allocated" if "peak_alloc" in r else "peak RSS"})
     rows.append({"run": "ppo / sft", "peak GiB": rows[1]["peak GiB"] / rows[0]["peak GiB"]})
     device = "gpu" if rows[0]["measure"] == "max_memory_allocated" else "cpu"
-    save(f"ppo_memory_{a.shape or 'smollm2'}_{a.quant if a.quant != 'none' else a.dtype}_{device}", rows,
+    save(f"ppo_memory_{a.shape or 'smollm2'}_{base}_{device}", rows,
          ["run", "model", "base", "batch", "peak GiB", "measure"],
          "python benchmarks/ppo_memory.py " + " ".join(sys.argv[1:] if argv is None else argv), a.out)
     return rows

@@ -6,7 +6,6 @@ process group is read from torchrun's environment. gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import gc
-
 import os
 from dataclasses import dataclass
 

@@ -26,9 +26,9 @@ from minitune.data import load_rows
 from minitune.data.preference import split_hh
 from minitune.data.prompts import encode_prompts
 from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
-from minitune.evaluation import greedy_accuracy
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
+from minitune.evaluation import greedy_accuracy
 from minitune.generate import generate, left_pad, positions_from_mask
 from minitune.lora import apply_lora, base_parameter_bytes, disable_adapters, set_adapter, use_adapter
 from minitune.ppo import (AdaptiveKLController, FixedKLController, KLEstimator, Trajectory, check_scores,
@@ -286,11 +286,15 @@ def train(cfg: PPOConfig) -> dict:
     policy = unwrap(model)
     held_out = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)[1] \
         if cfg.data.source == "synthetic" and cfg.eval_accuracy else None
-    before = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens, device=device)[0] \
-        if held_out and step == 0 else None
-    if before is not None and info.is_main:
-        print(f"held-out greedy exact-match accuracy before PPO: {before:.3f}")
-        log.log(0, eval_accuracy=before)
+
+    def held_out_accuracy(when: str, at_step: int) -> float:
+        acc = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens, device=device)[0]
+        if info.is_main:
+            print(f"held-out greedy exact-match accuracy {when} PPO: {acc:.3f}")
+            log.log(at_step, eval_accuracy=acc)
+        return acc
+
+    before = held_out_accuracy("before", 0) if held_out and step == 0 else None
     with StopSignal() as stop:
         while step < cfg.run.max_steps:
             # 1. Rollout: sample prompts, generate with the policy (KV cache, no grad, eval mode).
@@ -411,11 +415,7 @@ def train(cfg: PPOConfig) -> dict:
     summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes}
     if held_out:
         summary["eval_accuracy_before"] = before
-        summary["eval_accuracy_after"] = greedy_accuracy(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens,
-                                                         device=device)[0]
-        if info.is_main:
-            print(f"held-out greedy exact-match accuracy after PPO: {summary['eval_accuracy_after']:.3f}")
-            log.log(step, eval_accuracy=summary["eval_accuracy_after"])
+        summary["eval_accuracy_after"] = held_out_accuracy("after", step)
     summary["history"] = history
     if info.is_main:
         write_summary(out_dir, summary)
