@@ -95,19 +95,27 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    num_samples: int = 1,
 ) -> GenerationOutput:
     """Generates up to `max_new_tokens` for each left-padded prompt in input_ids [B, P].
 
     Rows stop independently at any id in `eos_ids`. `use_cache=False` recomputes the whole sequence
-    each step (the reference the cache is tested against). Returns a GenerationOutput.
+    each step (the reference the cache is tested against). `num_samples` > 1 answers each prompt
+    that many times (output rows i*n .. i*n+n-1 belong to prompt i) from one prefill whose KV cache is
+    copied: the prompt's forward is paid once, not n times. Returns a GenerationOutput.
     """
-    B, P = input_ids.shape
+    if num_samples < 1:
+        raise MinituneError(f"num_samples must be >= 1, got {num_samples}")
+    n_prompts, P = input_ids.shape
+    B = n_prompts * num_samples
     dev = input_ids.device
     limit = model.config.max_position_embeddings
     if P + max_new_tokens > limit:
         raise MinituneError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's context ({limit})")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    prompt_ids = input_ids
+    input_ids, attention_mask = input_ids.repeat_interleave(num_samples, 0), attention_mask.repeat_interleave(num_samples, 0)
     mask = torch.cat([attention_mask.long(), torch.ones(B, max_new_tokens, dtype=torch.long, device=dev)], 1)
     positions = positions_from_mask(mask)  # (B, P+N)
     eos = torch.tensor(list(eos_ids) or [-1], device=dev)
@@ -118,8 +126,13 @@ def generate(
     ended = torch.zeros(B, dtype=torch.bool, device=dev)
     try:
         if use_cache:
-            model.setup_cache(B, P + max_new_tokens)
-        logits = prefill(model, input_ids, mask[:, :P], positions[:, :P])
+            model.setup_cache(n_prompts, P + max_new_tokens)
+            logits = prefill(model, prompt_ids, mask[::num_samples, :P], positions[::num_samples, :P])
+            if num_samples > 1:
+                model.repeat_cache(num_samples)
+                logits = logits.repeat_interleave(num_samples, 0)
+        else:
+            logits = prefill(model, input_ids, mask[:, :P], positions[:, :P])
         n = 0
         for n in range(max_new_tokens):
             tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

@@ -334,6 +334,13 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device)
 
+    def repeat_cache(self, n: int):
+        """Each cached row repeated n times in place (row i becomes rows i*n .. i*n+n-1): several
+        samples of one prompt share its prefill."""
+        for layer in self.model.layers:
+            c = layer.self_attn.kv_cache
+            c.k, c.v = c.k.repeat_interleave(n, 0), c.v.repeat_interleave(n, 0)
+
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None

@@ -24,6 +24,23 @@ def test_cache_equals_recompute_greedy_and_sampled():
         assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_samples_share_one_prefill_and_equal_repeated_prompts():
+    # num_samples prefills each prompt once and copies its cache: the same tokens and log-probs as
+    # sending every prompt n times, rows grouped per prompt
+    m = model()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
+    for kw in (dict(temperature=0.0), dict(temperature=0.8, top_k=20)):
+        shared = generate(m, ids, mask, max_new_tokens=10, pad_id=0, num_samples=4,
+                          generator=torch.Generator().manual_seed(3), **kw)
+        repeated = generate(m, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), max_new_tokens=10,
+                            pad_id=0, generator=torch.Generator().manual_seed(3), **kw)
+        assert shared.tokens.shape[0] == 12
+        assert torch.equal(shared.sequences, repeated.sequences)
+        assert torch.allclose(shared.logprobs, repeated.logprobs, atol=1e-5)
+    sampled = shared.tokens.view(3, 4, -1)
+    assert any(len({tuple(r.tolist()) for r in group}) > 1 for group in sampled)  # samples differ within a prompt
+
+
 def test_left_padding_gives_the_same_tokens_as_alone():
     m = model()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
