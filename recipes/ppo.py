@@ -74,6 +74,8 @@ class PPOSection:
     value_dropout: float = 0.1
     value_detach: bool = False  # train the value head on detached hidden states: the policy's LoRA weights then
     # get only the policy gradient (the shared-trunk value loss can pull a small model's answers around)
+    use_value: bool = True  # false: no value function; each token's advantage is its return (score + KL penalties
+    # to the end, discounted by gamma; lam unused): REINFORCE, or RLOO with group_baseline
 
 
 @dataclass
@@ -96,14 +98,16 @@ class RewardSource:
 class PPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoRASection = field(default_factory=LoRASection)
-    data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=2000, synthetic_eval=64))
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, warmup_steps=0, schedule="constant"))
-    run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/ppo", max_steps=12, save_every=6))
+    # CPU default: a pool of 32 training prompts, 8 per step x 4 samples, so every prompt comes back every 4 steps
+    # and the reward curve compares the same prompts; each score minus its prompt's other answers' mean (RLOO),
+    # no value function (one small head cannot predict per-prompt success from 32 rollouts a step), one epoch
+    data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=32, synthetic_eval=64))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-4, warmup_steps=0, schedule="constant"))
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/ppo", max_steps=16, save_every=8))
     wandb: WandbSection = field(default_factory=WandbSection)
-    # CPU default: 8 prompts x 4 samples per step, each scored against its prompt's other answers (RLOO)
     ppo: PPOSection = field(default_factory=lambda: PPOSection(
-        rollout_batch=32, samples_per_prompt=4, group_baseline=True, value_detach=True, mini_batch=16, ppo_epochs=2,
-        init_kl_coef=0.05, kl_target=1.0, kl_horizon=100.0))
+        rollout_batch=32, samples_per_prompt=4, group_baseline=True, use_value=False, value_detach=True, mini_batch=16,
+        ppo_epochs=1, adaptive_kl=False, init_kl_coef=0.05))
     # Every synthetic answer fits in 32 tokens with its EOS (sort/reverse need up to 23): a shorter draw
     # would cut correct answers off and score them wrong, teaching the policy away from them.
     gen: GenSection = field(default_factory=lambda: GenSection(min_new_tokens=32, max_new_tokens=32, max_prompt_length=96))
@@ -300,10 +304,11 @@ def train(cfg: PPOConfig) -> dict:
             # 1. Rollout: sample prompts, generate with the policy (KV cache, no grad, eval mode).
             t0 = time.perf_counter()
             k = cfg.ppo.samples_per_prompt
-            idx = [mine[(cursor + i) % len(mine)] for i in range(cfg.ppo.rollout_batch // k) for _ in range(k)]
-            cursor += cfg.ppo.rollout_batch // k
+            picked = [mine[(cursor + i) % len(mine)] for i in range(cfg.ppo.rollout_batch // k)]
+            cursor += len(picked)
+            idx = [i for i in picked for _ in range(k)]  # k responses per prompt, grouped
             texts = [prompts[i] for i in idx]
-            ids, truncated = encode_prompts(texts, tok, max_length=cfg.gen.max_prompt_length,
+            ids, truncated = encode_prompts([prompts[i] for i in picked], tok, max_length=cfg.gen.max_prompt_length,
                                             chat=cfg.data.template.value == "chat", system=SYSTEM if cfg.data.source == "synthetic" else None)
             q, qmask = left_pad(ids, tok.pad_id, device)
             policy.eval()
@@ -311,7 +316,9 @@ def train(cfg: PPOConfig) -> dict:
             n_new = rng.randint(cfg.gen.min_new_tokens, cfg.gen.max_new_tokens)
             g = torch.Generator(device=device).manual_seed(rng.randrange(2**31))
             gen = generate(policy, q, qmask, max_new_tokens=n_new, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                           temperature=cfg.gen.temperature, top_k=cfg.gen.top_k, top_p=cfg.gen.top_p, generator=g)
+                           temperature=cfg.gen.temperature, top_k=cfg.gen.top_k, top_p=cfg.gen.top_p, generator=g,
+                           num_samples=k)  # one prefill per prompt, its cache copied k times
+            q, qmask = q.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0)
             t_gen = time.perf_counter() - t0
             P = q.shape[1]
             rmask = gen.mask.float()
@@ -333,8 +340,10 @@ def train(cfg: PPOConfig) -> dict:
                 kl = kl_per_token(logp, ref_logp, cfg.ppo.kl_estimator, logits / max(cfg.gen.temperature, 1e-6),
                                   ref_logits / max(cfg.gen.temperature, 1e-6)) * rmask
                 rewards, non_score = per_token_rewards(scores, kl, rmask, kl_ctl.value)
-                # 5. GAE advantages and returns; masked whitening.
-                adv, returns = gae(rewards, values, rmask, cfg.ppo.gamma, cfg.ppo.lam)
+                # 5. GAE advantages and returns (without a value function: the return itself); masked whitening.
+                if not cfg.ppo.use_value:
+                    values = torch.zeros_like(values)
+                adv, returns = gae(rewards, values, rmask, cfg.ppo.gamma, cfg.ppo.lam if cfg.ppo.use_value else 1.0)
                 if cfg.ppo.whiten_advantages:
                     adv = whiten(adv, rmask)
             traj = Trajectory(q, qmask, gen.tokens, rmask, logp, ref_logp, values, scores, kl)
@@ -360,7 +369,7 @@ def train(cfg: PPOConfig) -> dict:
                         skipped += 1  # a stale or broken minibatch: its update would be huge
                         opt.zero_grad(set_to_none=True)
                         continue
-                    (pg_loss + cfg.ppo.vf_coef * vf_loss).backward()
+                    (pg_loss + cfg.ppo.vf_coef * vf_loss if cfg.ppo.use_value else pg_loss).backward()
                     if info.world_size > 1:
                         for p in value_head.parameters():
                             all_reduce_sum(p.grad).div_(info.world_size)

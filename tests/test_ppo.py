@@ -149,15 +149,19 @@ def toy_folder(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_ppo_raises_a_toy_reward_with_one_base(toy_folder, tmp_path):
-    # TRL's path: one response per prompt, value head on the shared trunk (the CPU default's RLOO
-    # group baseline learns this toy more slowly: +0.02-0.05 in 30 steps, under this test's bar)
+@pytest.mark.parametrize("path", ["trl", "rloo"])
+def test_ppo_raises_a_toy_reward_with_one_base(toy_folder, tmp_path, path):
+    # trl: one response per prompt, value head on the shared trunk, GAE. rloo: the CPU default's
+    # path, 4 responses per prompt, leave-one-out baseline, no value function.
     folder, prompts = toy_folder
     ppo = load_recipe("ppo")
-    mode = ["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "ppo.value_detach=false"]
+    mode = {"trl": ["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "ppo.value_detach=false",
+                    "ppo.use_value=true", "optim.lr=3e-3", "run.max_steps=30"],
+            "rloo": ["ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false", "optim.lr=3e-3",
+                     "run.max_steps=45"]}[path]  # this dense toy reward: +0.07 in 45 steps (+0.05 in 30)
     args = mode + [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
-            "run.max_steps=30", "run.save_every=0", "ppo.rollout_batch=32", "ppo.mini_batch=16", "ppo.ppo_epochs=4",
-            "gen.min_new_tokens=8", "gen.max_new_tokens=8", "optim.lr=3e-3", "ppo.init_kl_coef=0.05", "init_adapter=",
+            "run.save_every=0", "ppo.rollout_batch=32", "ppo.mini_batch=16", "ppo.ppo_epochs=4",
+            "gen.min_new_tokens=8", "gen.max_new_tokens=8", "ppo.init_kl_coef=0.05", "init_adapter=",
             "reward.function=helpers:share_of_letter_a", "lora.r=8", "ppo.adaptive_kl=false", "sample_every=0"]
     out = ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 'ppo'}"]))
     scores = [h["score_mean"] for h in out["history"]]
@@ -172,6 +176,32 @@ def test_ppo_raises_a_toy_reward_with_one_base(toy_folder, tmp_path):
                                                   "data.seq_length=8", "data.holdout=4", "eval.accuracy=false",
                                                   f"run.output_dir={tmp_path / 'sft'}"]))
     assert out["base_param_bytes"] == sft_out["base_param_bytes"]
+
+
+def test_without_a_value_function_the_head_is_untouched_and_advantages_are_returns(toy_folder, tmp_path, monkeypatch):
+    # ppo.use_value=false (the CPU default's RLOO): no value loss, values taken as 0, so GAE gives each
+    # token its return (the RLOO score plus the KL penalties still ahead) whatever lam says
+    from safetensors.torch import load_file
+
+    folder, prompts = toy_folder
+    ppo = load_recipe("ppo")
+    seen = []
+    real_gae = ppo.gae
+    monkeypatch.setattr(ppo, "gae", lambda r, v, m, g, lam: seen.append((r, v, m, lam)) or real_gae(r, v, m, g, lam))
+    args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+            "run.max_steps=2", "run.save_every=2", "ppo.rollout_batch=8", "ppo.mini_batch=4", "ppo.samples_per_prompt=4",
+            "ppo.group_baseline=true", "ppo.use_value=false", "ppo.lam=0.5", "gen.min_new_tokens=4",
+            "gen.max_new_tokens=4", "init_adapter=", "optim.lr=1e-2", "reward.function=helpers:share_of_letter_a",
+            f"run.output_dir={tmp_path / 'o'}"]
+    out = ppo.train(parse_cli(ppo.PPOConfig, args))
+    rewards, values, mask, lam = seen[-1]
+    assert lam == 1.0 and values.eq(0).all()
+    returns = torch.flip(torch.cumsum(torch.flip(rewards * mask, [1]), 1), [1]) * mask  # gamma 1: sum of what is left
+    _, ret = real_gae(rewards, values, mask, 1.0, 1.0)
+    assert torch.allclose(ret, returns, atol=1e-6)
+    heads = load_file(Path(out["last_checkpoint"]) / "adapter" / "adapter_model.safetensors")
+    assert all(v.eq(0).all() for k, v in heads.items() if "v_head" in k)  # the value head was never trained
+    assert any("v_head" in k for k in heads)
 
 
 def test_reward_function_errors_are_named(toy_folder, tmp_path):
