@@ -106,8 +106,8 @@ class PPOConfig:
     run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/ppo", max_steps=16, save_every=8))
     wandb: WandbSection = field(default_factory=WandbSection)
     ppo: PPOSection = field(default_factory=lambda: PPOSection(
-        rollout_batch=32, samples_per_prompt=4, group_baseline=True, use_value=False, value_detach=True, mini_batch=16,
-        ppo_epochs=1, adaptive_kl=False, init_kl_coef=0.05))
+        rollout_batch=32, samples_per_prompt=4, group_baseline=True, use_value=False, mini_batch=16, ppo_epochs=1,
+        adaptive_kl=False, init_kl_coef=0.05))
     # Every synthetic answer fits in 32 tokens with its EOS (sort/reverse need up to 23): a shorter draw
     # would cut correct answers off and score them wrong, teaching the policy away from them.
     gen: GenSection = field(default_factory=lambda: GenSection(min_new_tokens=32, max_new_tokens=32, max_prompt_length=96))
