@@ -21,7 +21,27 @@ def hf_base(folder, nf4: bool):
         kw = dict(quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+    return exact_bnb_cpu_path(model)
+
+
+def exact_bnb_cpu_path(model):
+    """Keeps bitsandbytes' `nn.Linear4bit` on its exact path on every CPU.
+
+    On a CPU with AVX512-BF16, `Linear4bit.forward` in eval mode without grad repacks the weight for
+    a bf16 kernel (`_convert_weight_packed_for_cpu`: absmax rounded to bf16, product in bf16) whatever
+    `compute_dtype` says. The packed NF4 bytes and quant state are the same as minitune's (see
+    test_quantized_layers_equal_bitsandbytes_on_the_stored_weights); only that inference kernel
+    differs, so the comparison would depend on the CPU it runs on (logit gaps of 2e-3 on the tiny
+    model and ~0.8 on SmolLM2 where the flag is set, 0 where it is not). Training (and any forward
+    with grad) always takes the exact path, the one minitune computes.
+    """
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    return model
 
 
 def mt_base(folder, nf4: bool):
@@ -78,6 +98,35 @@ def test_real_smollm2_roundtrip_with_peft(demo_dir, demo_tok, tmp_path, nf4):
     text = demo_tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True)
     ids = torch.tensor([demo_tok.encode(text)])
     roundtrip(demo_dir, tmp_path, ids, nf4, tol=1e-3)
+
+
+def test_quantized_layers_equal_bitsandbytes_on_the_stored_weights(tmp_path):
+    # The reference is bitsandbytes itself applied to the checkpoint's stored tensor: same packed
+    # bytes, absmax and nested (double-quant) state, and the same forward as matmul_4bit.
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    from minitune.checkpoint import iter_safetensors
+    from minitune.quant import Linear4bit
+
+    make_hf_model("llama2").save_pretrained(tmp_path / "base")
+    stored = dict(iter_safetensors(tmp_path / "base" / "model.safetensors"))
+    for quant_type in ("nf4", "fp4"):
+        model = load_model(tmp_path / "base", quant=QuantConfig(quant_type=quant_type, compute_dtype="float32"))
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+        assert len(layers) == 14
+        for name, layer in layers.items():
+            ref, ref_state = bnbF.quantize_4bit(stored[name + ".weight"], blocksize=64, compress_statistics=True,
+                                                quant_type=quant_type)
+            assert torch.equal(layer.weight.data.view(torch.uint8), ref.view(torch.uint8)), name
+            got = layer.quant_state
+            assert torch.equal(got.absmax, ref_state.absmax) and torch.equal(got.offset, ref_state.offset)
+            assert torch.equal(got.state2.absmax, ref_state.state2.absmax)
+            assert got.dtype == stored[name + ".weight"].dtype == torch.float32
+            x = torch.randn(3, layer.in_features)
+            expected = bnb.matmul_4bit(x, ref.t(), quant_state=ref_state)
+            assert torch.equal(layer(x), expected)
+            assert torch.allclose(expected, x @ bnbF.dequantize_4bit(ref, ref_state).t(), atol=1e-5)
 
 
 def test_saved_adapter_has_every_key_non_empty(tmp_path):
