@@ -9,7 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from jinja2 import TemplateError, ext
+from jinja2 import StrictUndefined, TemplateError, UndefinedError, ext
+from jinja2.utils import missing
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from minitune.errors import MinituneError
@@ -81,16 +82,25 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """Renders `messages` ([{role, content}]) with the model's Jinja chat template, sandboxed.
 
-        Raises MinituneError when there is no template or the template tries anything unsafe.
+        The variables Hugging Face templates rely on are always passed (`messages`,
+        `add_generation_prompt`, `tools` and `documents` as None unless given, the special tokens);
+        `kwargs` add or override variables. Raises MinituneError when there is no template, the
+        template uses a variable that is not passed (a typo would otherwise render as nothing), or it
+        tries anything unsafe.
         """
         if not self.chat_template:
             raise MinituneError("this tokenizer has no chat_template (tokenizer_config.json); use a plain template")
+        variables = {"messages": messages, "add_generation_prompt": add_generation_prompt, "tools": None,
+                     "documents": None, "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                     "pad_token": self.pad_token or "", **kwargs}
         try:
             template = _jinja_env().from_string(self.chat_template)
-            return template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-            )
+            return template.render(**variables)
+        except UndefinedError as e:
+            raise MinituneError(
+                f"chat template uses an undefined variable ({e}); it is given {', '.join(sorted(variables))}: "
+                "fix the template or pass the variable to apply_chat_template"
+            ) from None
         except SecurityError as e:
             raise MinituneError(f"chat template rejected: it tries to reach Python internals ({e})") from None
         except TemplateError as e:
@@ -119,8 +129,42 @@ def _raise(message):
     raise TemplateError(message)
 
 
+class _UndefinedName(StrictUndefined):
+    """Strict for names that were never passed (`{{ speaker_tag }}` raises instead of rendering as
+    ""), lenient for missing keys of passed values: templates legitimately test `message.tool_calls`
+    or `message.get(...)` on messages that lack them, which must stay empty and falsy."""
+
+    def _is_name(self) -> bool:
+        return self._undefined_obj is missing
+
+    def __str__(self) -> str:
+        return super().__str__() if self._is_name() else ""
+
+    def __iter__(self):
+        return super().__iter__() if self._is_name() else iter(())
+
+    def __bool__(self) -> bool:
+        return super().__bool__() if self._is_name() else False
+
+    def __len__(self) -> int:
+        return super().__len__() if self._is_name() else 0
+
+    def __eq__(self, other) -> bool:
+        return super().__eq__(other) if self._is_name() else type(self) is type(other)
+
+    def __ne__(self, other) -> bool:
+        return not self.__eq__(other)
+
+    def __contains__(self, item) -> bool:
+        return super().__contains__(item) if self._is_name() else False
+
+    def __hash__(self) -> int:
+        return id(type(self))
+
+
 def _jinja_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols],
+                                        undefined=_UndefinedName)
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

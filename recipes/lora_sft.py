@@ -20,6 +20,7 @@ import torch
 
 from minitune.adapters import save_adapter
 from minitune.data import Columns, ConstantLengthDataset, load_rows, make_formatter, split_rows
+from minitune.data.packing import PackingStats
 from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
@@ -35,7 +36,8 @@ from minitune.train.sections import (DataSection, LoRASection, ModelSection, Opt
                                      resolve_grad_accum)
 from minitune.train.setup import (build_base, finish_model, model_path, prepare_output, progress_bar, restore_adapter,
                                   restore_state, save_state)
-from minitune.train.utils import build_optimizer, check_finite, cross_entropy_sum, lr_lambda, seed_everything, StopSignal
+from minitune.train.utils import (StopRequested, StopSignal, build_optimizer, check_finite, cross_entropy_sum, lr_lambda,
+                                  seed_everything)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def build_data(cfg: SFTConfig, tok, info):
     train = ConstantLengthDataset(train_rows, fmt, seq_length=d.seq_length, pad_id=tok.pad_id, infinite=True,
                                   shuffle_buffer=d.shuffle_buffer, seed=cfg.run.seed, shard=shard)
     evals = ConstantLengthDataset(eval_rows, fmt, seq_length=d.seq_length, pad_id=tok.pad_id, drop_last=False, shard=shard)
-    return train, evals, examples, len(train_rows)
+    return train, evals, examples
 
 
 def batches(ds_iter, n: int, device):
@@ -123,12 +125,17 @@ def answer_accuracy(model, tok, examples, cfg: SFTConfig, device) -> tuple[float
     return acc, rows[: cfg.eval.samples]
 
 
-def count_tokens(train_ds: ConstantLengthDataset, n_rows: int) -> int:
-    """Tokens in one pass over the train split (to turn run.epochs into steps)."""
+def packing_stats(train_ds: ConstantLengthDataset) -> PackingStats:
+    """One pass over the whole train split (every rank's share): documents, tokens, blocks, empty and
+    split documents. Turns run.epochs into steps, and refuses data with no token before the model loads."""
     one_pass = ConstantLengthDataset(train_ds.source, train_ds.formatter, seq_length=train_ds.seq_length, shard=(0, 1))
     for _ in one_pass:
         pass
-    return one_pass.stats.tokens
+    st = one_pass.stats
+    if st.documents == 0:
+        raise MinituneError(f"no training data: all {st.rows} rows are empty or whitespace-only in "
+                            f"{train_ds.formatter.describe()}; check the data.*_column names and the data")
+    return st
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,14 +147,24 @@ def train(cfg: SFTConfig) -> dict:
     info = init_distributed(device)
     device = info.device
     grad_accum = resolve_grad_accum(cfg.run, info.world_size)
-    seed_everything(cfg.run.seed)  # identical LoRA init on every rank (FSDP2 does not broadcast)
     if cfg.model.path != "demo":
         model_path(cfg.model.path)  # a missing path fails here, before anything is written
     out_dir, resume = prepare_output(cfg, cfg.run, info)
     tok = load_tokenizer(model_path(cfg.model.path))
     log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
 
-    # 2. Model: frozen (optionally quantized) base, LoRA adapter, checkpointing, DDP/FSDP.
+    # 2. Data: packed blocks, sharded by rank; one pass for the packing stats (bad data stops here,
+    #    before the model loads).
+    train_ds, eval_ds, examples = build_data(cfg, tok, info)
+    stats = packing_stats(train_ds)
+    tokens_per_step = cfg.run.batch_size * grad_accum * info.world_size * cfg.data.seq_length
+    total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * stats.tokens / tokens_per_step))
+    if info.is_main:
+        print(stats.summary())
+        (out_dir / "data_stats.json").write_text(json.dumps(vars(stats), indent=2))
+
+    # 3. Model: frozen (optionally quantized) base, LoRA adapter, checkpointing, DDP/FSDP.
+    seed_everything(cfg.run.seed)  # identical LoRA init on every rank (FSDP2 does not broadcast)
     base = build_base(cfg.model, device)
     if cfg.data.seq_length > base.config.max_position_embeddings:
         raise MinituneError(f"data.seq_length={cfg.data.seq_length} exceeds the model's context "
@@ -155,17 +172,13 @@ def train(cfg: SFTConfig) -> dict:
     check_fits(base.config, cfg, device, info, report=print if info.is_main else None)
     counts = apply_lora(base, cfg.lora.lora_config())
     if info.is_main:
-        print(f"trainable params: {counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%)")
+        print(f"trainable params: {counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%); "
+              f"{total_steps} steps of {tokens_per_step:,} tokens")
     if resume is not None:
         restore_adapter(base, resume, "default")
     base_bytes = base_parameter_bytes(base)  # before FSDP shards the storages
     model = finish_model(base, cfg.model, cfg.run, info)
     seed_everything(cfg.run.seed + info.rank)  # per-rank dropout streams
-
-    # 3. Data: packed blocks, sharded by rank.
-    train_ds, eval_ds, examples, n_rows = build_data(cfg, tok, info)
-    tokens_per_step = cfg.run.batch_size * grad_accum * info.world_size * cfg.data.seq_length
-    total_steps = cfg.run.max_steps or max(1, math.ceil(cfg.run.epochs * count_tokens(train_ds, n_rows) / tokens_per_step))
 
     # 4. Optimizer and schedule (restored with the data iterator and RNG when resuming).
     opt = build_optimizer(model.parameters(), cfg.optim)
@@ -179,7 +192,7 @@ def train(cfg: SFTConfig) -> dict:
     mgr = CheckpointManager(out_dir, cfg.run.keep_last)
     last_ckpt = resume
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.model.autocast and device.type == "cuda" else contextlib.nullcontext()
-    summary: dict = {"steps": total_steps, "base_param_bytes": base_bytes}
+    summary: dict = {"steps": total_steps, "base_param_bytes": base_bytes, "packing": vars(stats)}
     do_accuracy = examples is not None and cfg.eval.accuracy
     if step == 0:
         summary["eval_loss_before"] = evaluate(model, eval_ds, cfg, device)["eval_loss"]
@@ -193,45 +206,52 @@ def train(cfg: SFTConfig) -> dict:
             print(f"held-out exact-match accuracy before training: {acc:.3f}")
             log.log(0, accuracy=acc)
 
-    # 5. The loop: micro-steps -> token-normalized loss -> clip -> step -> log / eval / save.
+    # 5. The loop: micro-steps -> token-normalized loss -> clip -> finite check -> step -> log / eval / save.
     it = iter(train_ds)
     bar = progress_bar(total_steps, step, info, cfg.run, "sft")
     model.train()
     with StopSignal() as stop:
         while step < total_steps:
             t0 = time.perf_counter()
-            micro = [batches(it, cfg.run.batch_size, device) for _ in range(grad_accum)]
-            n_tokens = all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=device))
-            loss_sum = torch.zeros((), device=device)
-            for i, b in enumerate(micro):
-                sync = contextlib.nullcontext() if i == grad_accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
-                with sync, autocast:
-                    part = token_loss_sum(model, b, cfg.ce_chunk)
-                    # DDP/FSDP average gradients over ranks; scaling by world size makes the result
-                    # the mean over every trained token of the global batch.
-                    (part * info.world_size / n_tokens.clamp(min=1)).backward()
-                loss_sum += part.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            loss = (all_reduce_sum(loss_sum) / n_tokens.clamp(min=1)).item()
-            check_finite(loss, step, last_ckpt)
-            dt = time.perf_counter() - t0
-            lr = sched.get_last_lr()[0]
-            if info.is_main and step % cfg.run.log_every == 0:
-                log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_step / dt,
-                        trained_tokens=int(n_tokens.item()))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:.0f}")
-            bar.update(1)
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
-                ev = evaluate(model, eval_ds, cfg, device)
-                log.log(step, **ev)
+            data_state = train_ds.state_dict()  # before this step's blocks: what a stop during the fetch saves
+            try:
+                with stop.interruptible():  # producing data can take long (or, with bad data, forever)
+                    micro = [batches(it, cfg.run.batch_size, device) for _ in range(grad_accum)]
+            except StopRequested:
+                micro = None
+            if micro is not None:
+                n_tokens = all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=device))
+                loss_sum = torch.zeros((), device=device)
+                for i, b in enumerate(micro):
+                    sync = contextlib.nullcontext() if i == grad_accum - 1 or not hasattr(model, "no_sync") else model.no_sync()
+                    with sync, autocast:
+                        part = token_loss_sum(model, b, cfg.ce_chunk)
+                        # DDP/FSDP average gradients over ranks; scaling by world size makes the result
+                        # the mean over every trained token of the global batch.
+                        (part * info.world_size / n_tokens.clamp(min=1)).backward()
+                    loss_sum += part.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
+                loss = (all_reduce_sum(loss_sum) / n_tokens.clamp(min=1)).item()
+                check_finite(step + 1, last_ckpt, loss=loss, gradient_norm=float(grad_norm))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                data_state = train_ds.state_dict()
+                dt = time.perf_counter() - t0
+                lr = sched.get_last_lr()[0]
+                if info.is_main and step % cfg.run.log_every == 0:
+                    log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_step / dt,
+                            trained_tokens=int(n_tokens.item()))
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:.0f}")
+                bar.update(1)
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
+                    ev = evaluate(model, eval_ds, cfg, device)
+                    log.log(step, **ev)
             stopping = stop.requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="default", optimizer=opt, scheduler=sched,
-                                       data_state=train_ds.state_dict(), info=info, base_name=cfg.model.path)
+                                       data_state=data_state, info=info, base_name=cfg.model.path)
             if stopping:
                 report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break

@@ -369,12 +369,15 @@ def train(cfg: PPOConfig) -> dict:
                         skipped += 1  # a stale or broken minibatch: its update would be huge
                         opt.zero_grad(set_to_none=True)
                         continue
-                    (pg_loss + cfg.ppo.vf_coef * vf_loss if cfg.ppo.use_value else pg_loss).backward()
+                    loss = pg_loss + cfg.ppo.vf_coef * vf_loss if cfg.ppo.use_value else pg_loss
+                    loss.backward()
                     if info.world_size > 1:
                         for p in value_head.parameters():
                             all_reduce_sum(p.grad).div_(info.world_size)
-                    torch.nn.utils.clip_grad_norm_([p for p in list(model.parameters()) + list(value_head.parameters())
-                                                    if p.requires_grad], cfg.optim.grad_clip)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        [p for p in list(model.parameters()) + list(value_head.parameters()) if p.requires_grad],
+                        cfg.optim.grad_clip)
+                    check_finite(step + 1, last_ckpt, loss=loss.item(), gradient_norm=float(grad_norm))
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     mb_stats.append(st)
@@ -402,7 +405,6 @@ def train(cfg: PPOConfig) -> dict:
             }
             if acc is not None:
                 stats["accuracy"] = acc
-            check_finite(stats["pg_loss"] if mb_stats else 0.0, step, last_ckpt)
             history.append(stats)
             if info.is_main:
                 log.log(step, **stats)

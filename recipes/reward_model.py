@@ -150,7 +150,16 @@ def train(cfg: RewardConfig) -> dict:
     tok = load_tokenizer(model_path(cfg.model.path))
     log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
 
-    # 2. Model: frozen base, LoRA adapter "reward", scalar head; checkpointing, DDP/FSDP.
+    # 2. Data: tokenized pairs, each rank its own share (bad data stops here, before the model loads).
+    train_pairs, eval_pairs, pair_stats = build_pairs(cfg, tok, info)
+    if not train_pairs:
+        raise MinituneError(f"every training pair was skipped ({pair_stats.summary()}); check "
+                            "data.chosen_column / data.rejected_column and that the two sides differ")
+    if len(train_pairs) < cfg.run.batch_size:
+        raise MinituneError(f"only {len(train_pairs)} training pairs per rank; lower run.batch_size")
+    total_steps = cfg.run.max_steps or max(1, int(cfg.run.epochs * len(train_pairs) / (cfg.run.batch_size * grad_accum)))
+
+    # 3. Model: frozen base, LoRA adapter "reward", scalar head; checkpointing, DDP/FSDP.
     base = build_base(cfg.model, device)
     cfg.data.seq_length = cfg.reward.max_length  # what the memory plan reads
     check_fits(base.config, cfg, device, info, report=print if info.is_main else None)
@@ -160,12 +169,6 @@ def train(cfg: RewardConfig) -> dict:
         head.load(restore_adapter(base, resume, "reward"))
     model = finish_model(base, cfg.model, cfg.run, info)
     seed_everything(cfg.run.seed + info.rank)
-
-    # 3. Data: tokenized pairs, each rank its own share.
-    train_pairs, eval_pairs, _ = build_pairs(cfg, tok, info)
-    if len(train_pairs) < cfg.run.batch_size:
-        raise MinituneError(f"only {len(train_pairs)} training pairs per rank; lower run.batch_size")
-    total_steps = cfg.run.max_steps or max(1, int(cfg.run.epochs * len(train_pairs) / (cfg.run.batch_size * grad_accum)))
 
     # 4. Optimizer (adapter + head) and schedule.
     opt = build_optimizer(list(model.parameters()) + list(head.parameters()), cfg.optim)
@@ -204,13 +207,13 @@ def train(cfg: RewardConfig) -> dict:
                 for p in head.parameters():
                     all_reduce_sum(p.grad).div_(info.world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            all_reduce_sum(stats)
+            loss, acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
+            check_finite(step + 1, last_ckpt, loss=loss, gradient_norm=float(grad_norm))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            all_reduce_sum(stats)
-            loss, acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
-            check_finite(loss, step, last_ckpt)
             if info.is_main and step % cfg.run.log_every == 0:
                 log.log(step, loss=loss, accuracy=acc, lr=sched.get_last_lr()[0], grad_norm=float(grad_norm),
                         pairs_per_s=float(stats[2]) / (time.perf_counter() - t0))

@@ -129,7 +129,8 @@ def test_sigterm_saves_and_exits_cleanly(tiny, tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tiny, tmp_path):
     out = tmp_path / "nan"
-    with pytest.raises(MinituneError, match=r"loss is (nan|inf) at step \d+: stopping; the last good checkpoint is"):
+    with pytest.raises(MinituneError, match=r"(loss|gradient norm) is (nan|inf) at step \d+: stopping before the optimizer step; "
+                                            r"the last good checkpoint is"):
         run(base_args(tiny, out, **{"optim.lr": 1e12, "optim.grad_clip": 1e12, "run.save_every": 1,
                                     "run.max_steps": 50, "eval.accuracy": "false", "optim.warmup_steps": 0}))
     latest = sorted((out / "checkpoints").glob("step_*"))[-1]

@@ -145,8 +145,27 @@ def tokenize_rows(
     return docs, sum(d is None for d in docs)
 
 
+@dataclass(frozen=True)
+class Formatter:
+    """A batch formatter bound to one template, tokenizer and column set: rows -> (documents, skipped)."""
+
+    template: Template
+    tok: Tokenizer
+    cols: Columns
+    completion_only: bool = True
+
+    def __call__(self, rows: Sequence[dict]) -> tuple[list[Document | None], int]:
+        return tokenize_rows(rows, self.tok, self.template, self.cols, completion_only=self.completion_only)
+
+    def describe(self) -> str:
+        """The source columns this template reads, for error messages."""
+        c = self.cols
+        names = {Template.TEXT: [c.text], Template.STACKLLAMA: [c.prompt, c.response],
+                 Template.ALPACA: [c.instruction, c.output], Template.CHAT: [c.messages]}[self.template]
+        return f"{'column' if len(names) == 1 else 'columns'} {', '.join(map(repr, names))} ({self.template.value} template)"
+
+
 def make_formatter(template: Template | str, tok: Tokenizer, cols: Columns | None = None, *,
-                   completion_only: bool = True) -> Callable[[Sequence[dict]], tuple[list[Document | None], int]]:
+                   completion_only: bool = True) -> Formatter:
     """A batch formatter bound to one template, tokenizer and column set."""
-    template, cols = Template(template), cols or Columns()
-    return lambda rows: tokenize_rows(rows, tok, template, cols, completion_only=completion_only)
+    return Formatter(Template(template), tok, cols or Columns(), completion_only)

@@ -2,8 +2,15 @@
 or hub dataset names when online."""
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
+import json
+import logging
+import lzma
 import os
 from pathlib import Path
+from typing import IO
 
 from minitune.errors import MinituneError
 
@@ -18,6 +25,73 @@ def _builder(path: Path) -> str:
     return _BUILDERS[ext]
 
 
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_TEXT_BUILDERS = ("json", "csv")
+
+
+def _open_binary(path: Path) -> IO[bytes] | None:
+    """The file's decompressed bytes, or None for a compression Python cannot read by itself."""
+    if path.suffix == ".zst":
+        return None
+    return _OPENERS.get(path.suffix, open)(path, "rb")
+
+
+def check_text_file(path: Path) -> int:
+    """Reads a json/jsonl/csv file once before `datasets` does and returns its count of non-blank lines.
+
+    Raises MinituneError naming the file and line for what `datasets` reports badly or too late: an
+    empty file ("StopIteration"), and bytes that are not UTF-8 (accepted at load time, then a
+    UnicodeDecodeError mid-training when the row is first read).
+    """
+    f = _open_binary(path)
+    if f is None:
+        return -1
+    lines = 0
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MinituneError(
+                    f"{path}: line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            lines += bool(text.strip())
+    if lines == 0:
+        raise MinituneError(f"{path}: the file is empty (no rows); point data.source at a file with rows")
+    return lines
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """For a jsonl file `datasets` refused: 'line N: <reason>' for the first line that is not a JSON object."""
+    f = _open_binary(path)
+    if f is None:
+        return None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as e:
+                return f"line {n} is not valid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+            if not isinstance(row, dict):
+                return f"line {n} is a JSON {type(row).__name__}, not an object with named columns"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
 def load_rows(source: str | os.PathLike, *, split: str = "train", columns: list[str] | None = None):
     """A `datasets.Dataset` from a local file or folder (or a hub name when online).
 
@@ -28,14 +102,18 @@ def load_rows(source: str | os.PathLike, *, split: str = "train", columns: list[
 
     datasets.disable_progress_bars()
     p = Path(source).expanduser()
+    files: list[Path] = []
     try:
-        if p.is_file():
-            ds = datasets.load_dataset(_builder(p), data_files=str(p), split="train")
-        elif p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        if p.is_file() or p.is_dir():
+            files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
             if not files:
                 raise MinituneError(f"{p}: empty folder")
-            ds = datasets.load_dataset(_builder(files[0]), data_files=[str(f) for f in files], split="train")
+            builder = _builder(files[0])
+            if builder in _TEXT_BUILDERS:
+                for f in files:
+                    check_text_file(f)
+            with _quiet_datasets():  # its parse errors come back as one line below, not a logged block
+                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
         elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
             ds = datasets.load_dataset(str(source), split=split)
         else:
@@ -43,7 +121,14 @@ def load_rows(source: str | os.PathLike, *, split: str = "train", columns: list[
     except MinituneError:
         raise
     except Exception as e:  # datasets raises many types; the user needs the path and the reason
-        raise MinituneError(f"cannot read dataset {source}: {type(e).__name__}: {str(e)[:300]}") from None
+        for f in files:
+            bad = _first_bad_json_line(f) if f.name.endswith((".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz")) else None
+            if bad:
+                raise MinituneError(f"cannot read dataset {f}: {bad}; fix or remove that line") from None
+        reason = str(e.__cause__ or e).strip().splitlines()
+        raise MinituneError(f"cannot read dataset {source}: {type(e).__name__}: {(reason[0] if reason else '')[:300]}") from None
+    if len(ds) == 0:
+        raise MinituneError(f"dataset {source} has no rows; point data.source at data with rows")
     if columns:
         missing = [c for c in columns if c not in ds.column_names]
         if missing:

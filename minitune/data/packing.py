@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from minitune.data.formats import Document
+from minitune.errors import MinituneError
 
 IGNORE = -100
 
@@ -41,9 +42,9 @@ class PackingStats:
     epochs: int = 0
 
     def summary(self) -> str:
-        return (f"packing: {self.rows} rows -> {self.documents} documents, {self.blocks} blocks; skipped "
-                f"{self.skipped_empty} empty, {self.untrained_rows} with no trained token; "
-                f"{self.split_documents} longer than seq_length split across blocks")
+        return (f"packing: {self.rows} rows -> {self.documents} documents, {self.tokens:,} tokens, {self.blocks} blocks; "
+                f"skipped {self.skipped_empty} empty; {self.untrained_rows} with no trained token; "
+                f"{self.split_documents} longer than seq_length split across blocks (none truncated)")
 
 
 def _shard() -> tuple[int, int]:
@@ -143,6 +144,7 @@ class ConstantLengthDataset(IterableDataset):
             return ids[:T], labels, pos[:T]
 
         while True:
+            whole_pass, pass_rows, pass_docs = next_row == 0, 0, 0
             rows = self._rows(next_row, shard, nshards)
             while True:
                 batch = list(itertools.islice(rows, self.tokenize_batch))
@@ -150,6 +152,8 @@ class ConstantLengthDataset(IterableDataset):
                     break
                 next_row = batch[-1][0] + 1
                 docs, skipped = self.formatter([r for _, r in batch])
+                pass_rows += len(batch)
+                pass_docs += len(batch) - skipped
                 self.stats.rows += len(batch)
                 self.stats.skipped_empty += skipped
                 for d in docs:
@@ -172,6 +176,8 @@ class ConstantLengthDataset(IterableDataset):
                         yield _tensors(out)
             if not self.infinite:
                 break
+            if whole_pass and pass_docs == 0:  # restarting would spin forever without a token
+                raise MinituneError(self._no_tokens_message(pass_rows, shard, nshards))
             epoch, next_row = epoch + 1, 0
             self.stats.epochs = epoch
         # end of a finite source: the partial block, then the shuffle buffer
@@ -195,6 +201,14 @@ class ConstantLengthDataset(IterableDataset):
             snapshot()
             self.stats.blocks += 1
             yield _tensors(out)
+
+    def _no_tokens_message(self, rows: int, shard: int, nshards: int) -> str:
+        if rows == 0:
+            return (f"reader {shard} of {nshards} (ranks x dataloader workers) received no rows: the data has fewer "
+                    "rows than readers; use more data or fewer ranks/workers")
+        what = self.formatter.describe() if hasattr(self.formatter, "describe") else "the text"
+        return (f"a full pass over the data produced no tokens: all {rows} rows read were empty or whitespace-only "
+                f"in {what}; check the column names in the config (data.*_column) and the data")
 
 
 def _tensors(block) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from minitune.errors import MinituneError
+from minitune.errors import ConfigValueError, MinituneError
 
 T = TypeVar("T")
 
@@ -98,6 +98,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     try:
         return cls(**kwargs)
+    except ConfigValueError as e:
+        raise MinituneError(f"{prefix}{e}") from None
     except MinituneError:
         raise
     except TypeError as e:
@@ -121,7 +123,10 @@ def parse_overrides(items: list[str]) -> dict:
         if "=" not in item:
             raise MinituneError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise MinituneError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); quote it") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -144,7 +149,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         p = Path(path)
         if not p.exists():
             raise MinituneError(f"config file {p} does not exist")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(p)
+            raise MinituneError(f"{where}: invalid YAML ({_yaml_problem(e)}); fix the syntax at that line and column") from None
+        except UnicodeDecodeError as e:
+            raise MinituneError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save the config as UTF-8") from None
         if not isinstance(loaded, dict):
             raise MinituneError(f"{p}: expected a mapping at the top level")
         _check_keys(cls, loaded)
@@ -152,6 +164,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     ov = parse_overrides(list(overrides))
     _check_keys(cls, ov)
     return from_dict(cls, _merge(data, ov))
+
+
+def _yaml_problem(e: Exception) -> str:
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{context}: {problem}" if context else problem
 
 
 def _check_keys(cls, data: dict, prefix: str = "") -> None:

@@ -7,8 +7,8 @@ from enum import Enum
 import torch
 
 from minitune.data.formats import Template
-from minitune.errors import MinituneError
-from minitune.lora import LoRAConfig
+from minitune.errors import MinituneError, require
+from minitune.lora import LoRAConfig, LoRAInit
 from minitune.quant import QuantConfig, QuantType, as_dtype
 
 
@@ -70,7 +70,10 @@ class LoRASection:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)
     rslora: bool = False
-    init: str = "kaiming"
+    init: LoRAInit = LoRAInit.KAIMING
+
+    def __post_init__(self):
+        self.lora_config()  # LoRAConfig checks r, alpha and dropout: fail at config time, not at apply_lora
 
     def lora_config(self) -> LoRAConfig:
         targets = "all-linear" if tuple(self.target_modules) == ("all-linear",) else tuple(self.target_modules)
@@ -89,6 +92,16 @@ class OptimSection:
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+
+    def __post_init__(self):
+        require(0 <= self.lr < float("inf"), "lr", self.lr, "must be >= 0 and finite; use a learning rate such as 1e-4")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", list(self.betas),
+                "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        require(self.eps > 0, "eps", self.eps, "must be > 0, e.g. 1e-8")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0 (a very large value disables clipping)")
 
 
 @dataclass
@@ -110,6 +123,13 @@ class RunSection:
     parallel: Parallel = Parallel.NONE
     memory_check: bool = True  # refuse a run predicted not to fit
     progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "global_batch", "eval_every", "save_every"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0 (0 turns it off)")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_last"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        require(self.epochs > 0, "epochs", self.epochs, "must be > 0 (or set run.max_steps)")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -146,11 +166,17 @@ class DataSection:
     synthetic_train: int = 2000
     synthetic_eval: int = 100
 
+    def __post_init__(self):
+        require(self.seq_length >= 2, "seq_length", self.seq_length, "must be >= 2 tokens")
+        require(self.holdout > 0, "holdout", self.holdout, "must be > 0: a fraction below 1 or a row count")
+        for name in ("max_rows", "shuffle_buffer"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        for name in ("synthetic_train", "synthetic_eval"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+
 
 def resolve_grad_accum(run: RunSection, world_size: int) -> int:
     """Micro-steps per optimizer step; raises when run.global_batch does not divide evenly."""
-    if run.grad_accum < 1 or run.batch_size < 1:
-        raise MinituneError("run.batch_size and run.grad_accum must be >= 1")
     if not run.global_batch:
         return run.grad_accum
     per_step = run.batch_size * world_size

@@ -44,10 +44,31 @@ def prepare_output(cfg, run: RunSection, info: DistInfo) -> tuple[Path, Path | N
         resume = resume_path(out, run.resume)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        text = dump_config(cfg)
-        print("resolved config:\n" + text, flush=True)
-        (out / "config.yaml").write_text(text)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        print(describe_run(cfg, resume), flush=True)
     return out, resume
+
+
+def describe_run(cfg, resume: Path | None = None) -> str:
+    """The first screen of a run: model, quantization, LoRA, data, steps and output folder in a few
+    lines (the full resolved config is in <output_dir>/config.yaml)."""
+    m, lora, d, r, o = (getattr(cfg, k, None) for k in ("model", "lora", "data", "run", "optim"))
+    lines = []
+    if m is not None:
+        extras = [m.dtype] + ([f"{m.quant.value} base"] if m.quant_config() is not None else [])
+        extras += ["gradient checkpointing"] if m.gradient_checkpointing else []
+        lines.append(f"model   {m.path} ({', '.join(extras)})")
+    if lora is not None:
+        lines.append(f"lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {', '.join(lora.target_modules)}")
+    if d is not None:
+        lines.append(f"data    {d.source}, sequences of {d.seq_length} tokens")
+    if r is not None:
+        steps = f"{r.max_steps} steps" if r.max_steps else f"{r.epochs:g} epoch(s)"
+        lr = f", lr {o.lr:g}" if o is not None else ""
+        lines.append(f"run     {steps}, batch {r.batch_size} x {r.grad_accum} accumulation per rank{lr}, seed {r.seed}"
+                     + (f", resuming from {resume}" if resume else ""))
+        lines.append(f"output  {r.output_dir} (full config: config.yaml, metrics: metrics.jsonl)")
+    return "\n".join(lines)
 
 
 def build_base(m: ModelSection, device: torch.device) -> Transformer:
@@ -102,9 +123,17 @@ def save_state(
     info: DistInfo, extras: dict | None = None, head_tensors: dict[str, torch.Tensor] | None = None,
     base_name: str = "", task_type: str = "CAUSAL_LM",
 ) -> Path:
-    """Writes a full training checkpoint atomically (see minitune.train.checkpointing)."""
+    """Writes a full training checkpoint atomically (see minitune.train.checkpointing).
+
+    Refuses weights with a NaN/inf: a checkpoint on disk is always one a run can resume from, so the
+    newest one is the last good one."""
     sd = gathered_adapter(model, adapter)
     heads = {k: full_tensor(v.detach()).cpu() for k, v in (head_tensors or {}).items()}
+    bad = [k for k, t in {**sd, **heads}.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        latest = mgr.latest()
+        raise MinituneError(f"not saving step {step}: {len(bad)} adapter tensor(s) hold NaN/inf (first: {bad[0]}); "
+                            f"the last good checkpoint is {latest if latest else 'none (none was saved)'}")
 
     def write(tmp: Path):
         if info.is_main:
@@ -123,6 +152,10 @@ def restore_adapter(model: nn.Module, ckpt: Path, adapter: str) -> dict[str, tor
     """Copies the checkpoint's adapter into the (unsharded) model's adapter `adapter`; returns the
     extra (head) tensors with the PEFT prefix stripped."""
     tensors = dict(iter_safetensors(ckpt / "adapter" / "adapter_model.safetensors"))
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise MinituneError(f"{ckpt} holds NaN/inf weights ({bad[0]}): resuming would give NaN at once; "
+                            "resume from an earlier checkpoint (run.resume=<path>)")
     layers = dict(lora_layers(model))
     extra = {}
     with torch.no_grad():
