@@ -125,10 +125,8 @@ def test_named_adapters_switch_and_disable(folder):
     assert not torch.equal(one, two)
 
 
-@pytest.mark.parametrize("quant", [None, QuantConfig(quant_type="int8"), QuantConfig(compute_dtype="float32"),
-                                   QuantConfig(quant_type="fp4", double_quant=False, compute_dtype="float32")],
-                         ids=["fp32", "int8", "nf4", "fp4"])
-def test_few_steps_lower_the_loss_on_every_base(folder, quant):
+def few_steps_loss_drop(folder, quant, lr: float) -> float:
+    """First minus last loss of 8 AdamW steps of all-linear LoRA on one fixed batch."""
     torch.manual_seed(0)
     model = load_model(folder, quant=quant)
     if quant is not None:
@@ -137,7 +135,7 @@ def test_few_steps_lower_the_loss_on_every_base(folder, quant):
         assert isinstance(model.model.layers[0].self_attn.q_proj, expected)
     apply_lora(model, LoRAConfig(r=8, alpha=16, target_modules="all-linear"))
     apply_activation_checkpointing(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
     losses = []
     for _ in range(8):
@@ -146,7 +144,24 @@ def test_few_steps_lower_the_loss_on_every_base(folder, quant):
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.05, losses
+    return losses[0] - losses[-1]
+
+
+# Measured drop on this project's CPU: 0.249 (fp32, int8, nf4), 0.252 (fp4); lr=0 gives exactly 0.
+# The assertion asks for a fifth of it.
+MIN_DROP = 0.05
+QUANTS = [None, QuantConfig(quant_type="int8"), QuantConfig(compute_dtype="float32"),
+          QuantConfig(quant_type="fp4", double_quant=False, compute_dtype="float32")]
+
+
+@pytest.mark.parametrize("quant", QUANTS, ids=["fp32", "int8", "nf4", "fp4"])
+def test_few_steps_lower_the_loss_on_every_base(folder, quant):
+    assert few_steps_loss_drop(folder, quant, lr=3e-3) > MIN_DROP
+
+
+@pytest.mark.parametrize("quant", [QUANTS[0], QUANTS[2]], ids=["fp32", "nf4"])
+def test_few_steps_control_at_lr0_fails_the_same_assertion(folder, quant):
+    assert not few_steps_loss_drop(folder, quant, lr=0.0) > MIN_DROP
 
 
 def test_qlora_first_step_loss_close_to_full_precision(folder):

@@ -89,6 +89,36 @@ def test_reward_and_policy_adapters_share_one_base(tmp_path):
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".reward." in n)
 
 
+def pairwise_fit_gain(lr: float) -> float:
+    """Held-in pairwise loss drop after 10 AdamW steps of a LoRA adapter + head on 8 fixed pairs."""
+    torch.manual_seed(0)
+    model = build_model(CFG, seed=0)
+    apply_lora(model, LoRAConfig(r=4, target_modules="all-linear"), "reward")
+    head = RewardHead(64)
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randint(0, 64, (8, 12), generator=g), torch.randint(0, 64, (8, 12), generator=g)
+    mask = torch.ones_like(chosen)
+    opt = torch.optim.AdamW([p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(10):
+        m = pairwise_loss(sequence_rewards(model, head, chosen, mask), sequence_rewards(model, head, rejected, mask))
+        m.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(m.loss.item())
+    return losses[0] - losses[-1]
+
+
+# Measured on this project's CPU: the loss drops by 1.53 at lr 1e-2 (and 3e-3) and by exactly 0 at
+# lr=0; the assertion asks for half.
+MIN_FIT_GAIN = 0.77
+
+
+def test_reward_model_fits_pairs_and_the_lr0_control_does_not():
+    assert pairwise_fit_gain(1e-2) > MIN_FIT_GAIN
+    assert not pairwise_fit_gain(0.0) > MIN_FIT_GAIN
+
+
 def test_wrong_head_width_is_a_clear_error(tmp_path):
     rm = build_model(CFG, seed=0)
     apply_lora(rm, LoRAConfig(r=4), "reward")
@@ -117,7 +147,7 @@ def test_peft_sequence_classification_gives_the_same_reward(tmp_path):
 
 
 @pytest.mark.slow
-def test_reward_recipe_learns_and_resumes_exactly(demo_dir, tmp_path):
+def test_reward_recipe_runs_and_resumes_exactly(demo_dir, tmp_path):
     rec = load_recipe("reward_model")
     tiny = tiny_with_real_tokenizer(tmp_path / "m", demo_dir)
     args = [f"model.path={tiny}", "run.progress=false", "run.max_steps=6", "run.batch_size=4", "run.save_every=2",

@@ -56,15 +56,26 @@ def losses(out):
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
+# Held-out loss drop after 6 steps at lr 1e-2, measured on this project's CPU for seeds 0/1/2:
+# 0.226 / 0.353 / 0.283 (lr=0: exactly 0). The tests ask for half the smallest.
+MIN_EVAL_DROP = 0.11
+
+
 def test_loss_falls_and_runs_are_deterministic(tiny, tmp_path):
-    run(base_args(tiny, tmp_path / "a"))
+    first = run(base_args(tiny, tmp_path / "a"))
     run(base_args(tiny, tmp_path / "b"))
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == 6 and a == b
     assert a[-1] < a[0]
+    assert first["eval_loss_before"] - first["eval_loss"] > MIN_EVAL_DROP
     cfg_saved = (tmp_path / "a" / "config.yaml").read_text()
     assert "r: 4" in cfg_saved
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").exists()
+
+
+def test_control_at_lr0_fails_the_learning_assertion(tiny, tmp_path):
+    out = run(base_args(tiny, tmp_path / "lr0", **{"optim.lr": 0.0, "run.save_every": 0, "eval.accuracy": "false"}))
+    assert not out["eval_loss_before"] - out["eval_loss"] > MIN_EVAL_DROP
 
 
 def test_resume_continues_with_identical_losses(tiny, tmp_path):
