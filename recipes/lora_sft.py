@@ -20,7 +20,7 @@ import torch
 
 from minitune.adapters import save_adapter
 from minitune.data import Columns, ConstantLengthDataset, load_rows, make_formatter, split_rows
-from minitune.data.packing import PackingStats
+from minitune.data.packing import PackingStats, no_tokens_error
 from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
@@ -133,8 +133,7 @@ def packing_stats(train_ds: ConstantLengthDataset) -> PackingStats:
         pass
     st = one_pass.stats
     if st.documents == 0:
-        raise MinituneError(f"no training data: all {st.rows} rows are empty or whitespace-only in "
-                            f"{train_ds.formatter.describe()}; check the data.*_column names and the data")
+        raise no_tokens_error(st.rows, train_ds.formatter)
     return st
 
 

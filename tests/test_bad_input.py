@@ -152,7 +152,7 @@ def test_recipe_on_all_empty_texts_errors_instead_of_spinning(tiny, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "recipes" / "lora_sft.py"), *args], capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "no training data: all 19 rows are empty or whitespace-only in column 'text'" in res.stderr
+    assert "no tokens: all 19 rows read were empty or whitespace-only in column 'text'" in res.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
 
 

@@ -177,7 +177,7 @@ class ConstantLengthDataset(IterableDataset):
             if not self.infinite:
                 break
             if whole_pass and pass_docs == 0:  # restarting would spin forever without a token
-                raise MinituneError(self._no_tokens_message(pass_rows, shard, nshards))
+                raise no_tokens_error(pass_rows, self.formatter, shard, nshards)
             epoch, next_row = epoch + 1, 0
             self.stats.epochs = epoch
         # end of a finite source: the partial block, then the shuffle buffer
@@ -202,13 +202,16 @@ class ConstantLengthDataset(IterableDataset):
             self.stats.blocks += 1
             yield _tensors(out)
 
-    def _no_tokens_message(self, rows: int, shard: int, nshards: int) -> str:
-        if rows == 0:
-            return (f"reader {shard} of {nshards} (ranks x dataloader workers) received no rows: the data has fewer "
-                    "rows than readers; use more data or fewer ranks/workers")
-        what = self.formatter.describe() if hasattr(self.formatter, "describe") else "the text"
-        return (f"a full pass over the data produced no tokens: all {rows} rows read were empty or whitespace-only "
-                f"in {what}; check the column names in the config (data.*_column) and the data")
+
+
+def no_tokens_error(rows: int, formatter, shard: int = 0, nshards: int = 1) -> MinituneError:
+    """The error for a pass over the data that produced no token: names the rows and the column."""
+    if rows == 0:
+        return MinituneError(f"reader {shard} of {nshards} (ranks x dataloader workers) received no rows: the data has "
+                             "fewer rows than readers; use more data or fewer ranks/workers")
+    what = formatter.describe() if hasattr(formatter, "describe") else "the text"
+    return MinituneError(f"a full pass over the data produced no tokens: all {rows} rows read were empty or "
+                         f"whitespace-only in {what}; check the column names in the config (data.*_column) and the data")
 
 
 def _tensors(block) -> dict[str, torch.Tensor]:
