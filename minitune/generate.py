@@ -76,9 +76,16 @@ def prefill(model: Transformer, ids, attention_mask, position_ids) -> torch.Tens
     return out.logits[:, -1].float()
 
 
-def decode_one_token(model: Transformer, tok, attention_mask, position, cache_pos: int) -> torch.Tensor:
-    out = model(tok[:, None], position[:, None], attention_mask, cache_pos=cache_pos)
+def decode_one_token(model: Transformer, tok, key_mask, position, input_pos) -> torch.Tensor:
+    """One static-shape step: tok [B] at cache slot input_pos [1], attending over the whole cache
+    where key_mask [B, max_len] is True. Returns fp32 logits [B, V]."""
+    out = model(tok[:, None], position[:, None], key_mask, cache_pos=input_pos)
     return out.logits[:, -1].float()
+
+
+# Rows that finished are checked for every this many tokens (a host sync); until then a finished row
+# keeps producing pad, which costs at most this many extra steps and is trimmed from the output.
+CHECK_DONE_EVERY = 8
 
 
 @torch.no_grad()
@@ -99,8 +106,11 @@ def generate(
 ) -> GenerationOutput:
     """Generates up to `max_new_tokens` for each left-padded prompt in input_ids [B, P].
 
-    Rows stop independently at any id in `eos_ids`. `use_cache=False` recomputes the whole sequence
-    each step (the reference the cache is tested against). `num_samples` > 1 answers each prompt
+    Rows stop independently at any id in `eos_ids`. With the cache, each decode step has the same
+    shapes: the new token's K/V are written in place at its cache slot, attention runs over the whole
+    preallocated cache under a mask of the slots written so far, GQA heads are shared inside SDPA,
+    and the host reads device values only every CHECK_DONE_EVERY tokens. `use_cache=False`
+    recomputes the whole sequence each step (the reference the cache is tested against). `num_samples` > 1 answers each prompt
     that many times (output rows i*n .. i*n+n-1 belong to prompt i) from one prefill whose KV cache is
     copied: the prompt's forward is paid once, not n times. Returns a GenerationOutput.
     """
@@ -131,9 +141,10 @@ def generate(
             if num_samples > 1:
                 model.repeat_cache(num_samples)
                 logits = logits.repeat_interleave(num_samples, 0)
+            key_mask = mask.bool()  # (B, P+N): the prompt's padding, then slots as they are written
+            key_mask[:, P:] = False
         else:
             logits = prefill(model, input_ids, mask[:, :P], positions[:, :P])
-        n = 0
         for n in range(max_new_tokens):
             tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
@@ -143,16 +154,18 @@ def generate(
             hit = torch.isin(tok, eos) & ~done
             ended |= hit
             done |= hit
-            if bool(done.all()) or n == max_new_tokens - 1:
+            if n == max_new_tokens - 1 or ((n + 1) % CHECK_DONE_EVERY == 0 and bool(done.all())):
                 break
             if use_cache:
-                logits = decode_one_token(model, tok, mask[:, : P + n + 1], positions[:, P + n], P + n)
+                key_mask[:, P + n] = True
+                slot = torch.full((1,), P + n, dtype=torch.long, device=dev)
+                logits = decode_one_token(model, tok, key_mask, positions[:, P + n], slot)
             else:
                 cur = P + n + 1
                 logits = prefill(model, seq[:, :cur], mask[:, :cur], positions[:, :cur])
     finally:
         model.clear_cache()
-    N = n + 1
+    N = int(gen_mask.sum(1).max())  # the last step any row was still generating
     return GenerationOutput(
         seq[:, : P + N], seq[:, P: P + N], logprobs[:, :N], gen_mask[:, :N], gen_mask[:, :N].sum(1), ended
     )

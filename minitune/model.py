@@ -223,11 +223,23 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Writes k/v at [start, start+T) and returns all keys/values up to start+T."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Writes k/v [B, n_kv, T, hd] into the cache.
+
+        pos an int: at [pos, pos+T); returns the keys/values up to pos+T (prefill: shapes follow T).
+        pos a LongTensor [T] of cache slots: written in place there; returns the whole buffers, so
+        every decode step has the same shapes (the caller masks the slots not yet written).
+        """
+        if torch.is_tensor(pos):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
+        end = pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise MinituneError(f"KV cache holds {self.k.shape[2]} positions, writing up to {end}; "
+                                "set up the cache with a larger max_len")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -241,7 +253,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos: int):
+    def forward(self, x, cos, sin, mask, cache_pos: int | torch.Tensor):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -249,6 +261,11 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, nkv, S, hd)
+        if torch.is_tensor(cache_pos):
+            # Static decode over the whole cache: the mask (from the caller) hides unwritten slots,
+            # and SDPA shares each kv head across its query heads without copying K/V.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         if self.n_kv != self.n_head:
             # GQA: share each kv head across n_head // n_kv query heads.
             rep = self.n_head // self.n_kv
@@ -278,7 +295,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache_pos: int = 0):
+    def forward(self, x, cos, sin, mask, cache_pos: int | torch.Tensor = 0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -352,7 +369,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         *,
-        cache_pos: int = 0,
+        cache_pos: int | torch.Tensor = 0,
         return_logits: bool = True,
         logits_from: int = 0,
         inputs_embeds: torch.Tensor | None = None,
@@ -362,17 +379,25 @@ class Transformer(nn.Module):
         input_ids: [B, T]. position_ids: [B, T]; positions that restart (packing) isolate
         documents. attention_mask: [B, S] padding mask over the cache plus these tokens (1 = real),
         S = cache_pos + T. cache_pos: where these tokens start in the KV cache (set up with
-        `setup_cache`). Returns logits [B, T - logits_from, V] and the final hidden states [B, T, D];
+        `setup_cache`). Static decode: cache_pos a LongTensor [T] of cache slots and attention_mask
+        a bool [B, max_len] over the whole cache, True where a key may be attended (written slots,
+        not pads, the new tokens included); position_ids are then required. Returns logits [B, T - logits_from, V] and the final hidden states [B, T, D];
         `logits_from` skips the output projection where no prediction is needed (PPO's prompt part).
         """
         B, T = input_ids.shape
+        static = torch.is_tensor(cache_pos)
         if position_ids is None:
+            if static:
+                raise MinituneError("a static decode step (cache_pos a tensor) needs position_ids")
             position_ids = torch.arange(cache_pos, cache_pos + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = rope_cos_sin(position_ids, rope_inv_freq(self.config, x.device), x.dtype)
-        mask = build_attention_mask(
-            T, cache_pos + T, position_ids=position_ids, padding_mask=attention_mask, device=x.device
-        )
+        if static:
+            mask = attention_mask[:, None, None, :]  # (B, 1, 1, max_len)
+        else:
+            mask = build_attention_mask(
+                T, cache_pos + T, position_ids=position_ids, padding_mask=attention_mask, device=x.device
+            )
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         h = self.model.norm(x)

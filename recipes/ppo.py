@@ -399,6 +399,11 @@ def train(cfg: PPOConfig) -> dict:
                 "explained_variance": explained_variance(values, returns, rmask),
                 "response_length": gen.lengths.float().mean().item(), "diversity": response_diversity(responses),
                 "no_eos_share": 1.0 - gen.ended.float().mean().item(),  # cut off by the length budget
+                # where the step's time goes: rollout generation, scoring (reward, policy/reference
+                # log-probs, values, advantages), PPO update
+                "gen_s": t_gen, "score_s": t1 - t0 - t_gen, "update_s": t_train,
+                **{f"{k}_share": v / (t1 - t0 + t_train) for k, v in
+                   (("gen", t_gen), ("score", t1 - t0 - t_gen), ("update", t_train))},
                 "gen_tokens_per_s": float(gen.lengths.sum()) / t_gen,
                 "train_tokens_per_s": cfg.ppo.ppo_epochs * float(mask.sum()) / max(t_train, 1e-6),
                 "prompts_truncated": truncated,

@@ -79,3 +79,82 @@ def test_top_k_top_p_filtering():
     p = logits.softmax(-1)[0]
     kept = ~torch.isinf(filter_logits(logits, top_p=float(p[0] + 0.01)))
     assert kept.tolist() == [[True, True, False, False, False]]
+
+
+# -- the static-shape decode path ----------------------------------------------------------------
+
+def _eos_rows_finish_apart(m, ids, mask):
+    """An EOS id that row 0 produces early and row 1 later (or never): rows finish at different steps."""
+    free = generate(m, ids, mask, max_new_tokens=14, pad_id=0)
+    return int(free.tokens[0, 2])
+
+
+def test_static_decode_equals_recompute_in_every_setting():
+    # greedy and sampled, left padding, GQA and plain multi-head, rows ending at different steps
+    # (past a CHECK_DONE_EVERY boundary), several samples per prompt, with a LoRA adapter active,
+    # then with adapters disabled
+    from minitune.lora import LoRAConfig, LoRALinear, apply_lora, disable_adapters
+
+    for n_kv in (2, 4):
+        cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128)
+        m = build_model(cfg, seed=0).eval()
+        apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
+        with torch.no_grad():
+            for layer in m.modules():
+                if isinstance(layer, LoRALinear):
+                    layer.adapters["default"].lora_B.normal_(0, 0.2)
+        ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
+        eos = _eos_rows_finish_apart(m, ids, mask)
+        for adapters_on in (True, False):
+            ctx = torch.no_grad() if adapters_on else disable_adapters(m)
+            with ctx:
+                for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=30)):
+                    for samples in (1, 3):
+                        common = dict(max_new_tokens=14, pad_id=0, eos_ids=[eos], num_samples=samples, **kw)
+                        a = generate(m, ids, mask, generator=torch.Generator().manual_seed(2), **common)
+                        b = generate(m, ids.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0),
+                                     use_cache=False, generator=torch.Generator().manual_seed(2),
+                                     **{**common, "num_samples": 1})
+                        assert torch.equal(a.sequences, b.sequences), (n_kv, adapters_on, kw, samples)
+                        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+                        assert torch.equal(a.mask, b.mask) and torch.equal(a.ended, b.ended)
+        lengths = generate(m, ids, mask, max_new_tokens=14, pad_id=0, eos_ids=[eos]).lengths.tolist()
+        assert lengths[0] <= 3 and len(set(lengths)) > 1, lengths  # rows did finish at different steps
+
+
+def test_output_is_trimmed_to_the_last_generating_step():
+    # finished rows are checked for only every CHECK_DONE_EVERY tokens; the output still ends at the
+    # step where the last row stopped
+    m = model()
+    ids, mask = left_pad([[5, 6, 7], [8, 9, 10]], pad_id=0)
+    free = generate(m, ids, mask, max_new_tokens=20, pad_id=0)
+    eos = [int(free.tokens[0, 1]), int(free.tokens[1, 2])]
+    out = generate(m, ids, mask, max_new_tokens=20, pad_id=0, eos_ids=eos)
+    assert out.ended.all()
+    assert out.tokens.shape[1] == int(out.lengths.max()) == out.sequences.shape[1] - ids.shape[1]
+
+
+def test_a_second_call_with_another_shape_does_not_reuse_the_cache():
+    m = model()
+    big_ids, big_mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], pad_id=0)
+    generate(m, big_ids, big_mask, max_new_tokens=20, pad_id=0)
+    ids = torch.tensor([[40, 41]])
+    after = generate(m, ids, max_new_tokens=6, pad_id=0)
+    fresh = generate(model(), ids, max_new_tokens=6, pad_id=0)
+    assert torch.equal(after.tokens, fresh.tokens) and torch.allclose(after.logprobs, fresh.logprobs, atol=1e-6)
+    assert all(layer.self_attn.kv_cache is None for layer in m.model.layers)  # released after each call
+
+
+def test_writing_past_the_cache_is_refused():
+    import pytest
+
+    from minitune import MinituneError
+
+    m = model()
+    m.setup_cache(1, 4)
+    with pytest.raises(MinituneError, match="KV cache holds 4 positions, writing up to 6"):
+        m(torch.tensor([[1, 2, 3, 4, 5, 6]]), cache_pos=0)
+    m.clear_cache()
+    with pytest.raises(MinituneError, match="exceeds the model's context"):
+        generate(m, torch.tensor([[1] * 120]), max_new_tokens=20, pad_id=0)

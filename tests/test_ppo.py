@@ -229,6 +229,10 @@ def test_without_a_value_function_the_head_is_untouched_and_advantages_are_retur
     heads = load_file(Path(out["last_checkpoint"]) / "adapter" / "adapter_model.safetensors")
     assert all(v.eq(0).all() for k, v in heads.items() if "v_head" in k)  # the value head was never trained
     assert any("v_head" in k for k in heads)
+    # the step's time split is logged: generation, scoring, update, and their shares
+    for h in out["history"]:
+        assert min(h["gen_s"], h["score_s"], h["update_s"]) > 0
+        assert h["gen_share"] + h["score_share"] + h["update_share"] == pytest.approx(1.0)
 
 
 def test_reward_function_errors_are_named(toy_folder, tmp_path):
