@@ -11,7 +11,6 @@ second named adapter onto the base the PPO policy uses.
 from __future__ import annotations
 
 import json
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitune.adapters import save_adapter
-from minitune.data import load_rows, split_rows
-from minitune.data.preference import PairStats, PreferencePair, collate_pairs, parse_pairs, tokenize_pair
-from minitune.data.prompts import render_prompt
-from minitune.data.synthetic import SYSTEM, train_eval_split, wrong_answer
+from minitune.data.preference import collate_pairs, load_preference_pairs, pair_batches, tokenize_pair
 from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
 from minitune.errors import MinituneError
 from minitune.lora import apply_lora
@@ -64,50 +60,14 @@ class RewardConfig:
         return 2  # chosen and rejected in one forward
 
 
-def synthetic_pairs(n_train: int, n_eval: int, tok, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """A correct answer preferred to a plausible wrong one, on the synthetic task's prompts."""
-    rng = random.Random(seed)
-    train, evals = train_eval_split(n_train, n_eval, seed=seed)
-
-    def pairs(rows):
-        return [PreferencePair(render_prompt(ex["prompt"], tok, chat=True, system=SYSTEM), ex["answer"],
-                               wrong_answer(ex, rng)) for ex in rows]
-
-    return pairs(train), pairs(evals)
-
-
 def build_pairs(cfg: RewardConfig, tok, info):
-    d, stats = cfg.data, PairStats()
-    if d.source == "synthetic":
-        train, evals = synthetic_pairs(d.synthetic_train, d.synthetic_eval, tok, cfg.run.seed)
-        stats.kept = len(train) + len(evals)
-    else:
-        rows = load_rows(d.source, columns=[d.chosen_column, d.rejected_column])
-        if d.max_rows:
-            rows = rows.select(range(min(d.max_rows, len(rows))))
-        train_rows, eval_rows = split_rows(rows, d.holdout if d.holdout < 1 else int(d.holdout), seed=cfg.run.seed)
-        kw = dict(prompt_col=d.prompt_column if d.prompt_column in rows.column_names else None,
-                  chosen_col=d.chosen_column, rejected_col=d.rejected_column, hh_format=d.hh_format, stats=stats)
-        train, evals = parse_pairs(train_rows, **kw), parse_pairs(eval_rows, **kw)
+    train, evals, stats = load_preference_pairs(cfg.data, tok, cfg.run.seed)
     tokenize = lambda ps: [tokenize_pair(p, tok, cfg.reward.max_length, stats) for p in ps]  # noqa: E731
     train_ids, eval_ids = tokenize(train), tokenize(evals)
     if info.is_main:
         print(stats.summary())
     # every rank reads a disjoint share of the pairs
     return train_ids[info.rank::info.world_size], eval_ids[info.rank::info.world_size], stats
-
-
-def pair_batches(pairs, batch_size: int, seed: int, start_index: int = 0):
-    """Endless shuffled batches; `start_index` skips batches already consumed (exact resume)."""
-    epoch, i = 0, 0
-    order = list(range(len(pairs)))
-    while True:
-        random.Random(seed + epoch).shuffle(order)
-        for s in range(0, len(order) - batch_size + 1, batch_size):
-            if i >= start_index:
-                yield i, [pairs[j] for j in order[s: s + batch_size]]
-            i += 1
-        epoch += 1
 
 
 def pair_forward(model, head, pairs, pad_id, device):

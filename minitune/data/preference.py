@@ -1,11 +1,13 @@
-"""Preference pairs for reward modelling: parsing, tokenizing with truncation, collation."""
+"""Preference pairs for reward modelling and DPO: parsing, tokenizing with truncation, collation, batching."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
 
+from minitune.data.packing import IGNORE
 from minitune.errors import MinituneError
 from minitune.tokenizer import Tokenizer
 
@@ -81,11 +83,11 @@ class PairBatch(NamedTuple):
     last_index: torch.Tensor
 
 
-def tokenize_pair(pair: PreferencePair, tok: Tokenizer, max_length: int, stats: PairStats | None = None):
-    """(chosen_ids, rejected_ids), each prompt + response + EOS. Past max_length the prompt loses its
-    oldest tokens first, then the response its end (counted in stats.truncated)."""
+def _truncated_sides(pair: PreferencePair, tok: Tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], bool]:
+    """[(prompt_ids, response_ids)] for chosen then rejected, each fitting max_length, and whether any
+    was cut: past max_length the prompt loses its oldest tokens first, then the response its end."""
     prompt = tok.encode(pair.prompt) if pair.prompt else []
-    outs, truncated = [], False
+    sides, truncated = [], False
     for resp in (pair.chosen, pair.rejected):
         r = tok.encode(resp, add_special_tokens=False) + ([tok.eos_id] if tok.eos_id is not None else [])
         p = prompt
@@ -94,10 +96,65 @@ def tokenize_pair(pair: PreferencePair, tok: Tokenizer, max_length: int, stats: 
             keep_prompt = max(max_length - len(r), max_length // 2)
             p = p[-keep_prompt:] if keep_prompt > 0 else []
             r = r[: max_length - len(p)]
-        outs.append(p + r)
+        sides.append((p, r))
+    return sides, truncated
+
+
+def tokenize_pair(pair: PreferencePair, tok: Tokenizer, max_length: int, stats: PairStats | None = None):
+    """(chosen_ids, rejected_ids), each prompt + response + EOS. Past max_length the prompt loses its
+    oldest tokens first, then the response its end (counted in stats.truncated)."""
+    sides, truncated = _truncated_sides(pair, tok, max_length)
     if truncated and stats is not None:
         stats.truncated += 1
-    return outs[0], outs[1]
+    return tuple(p + r for p, r in sides)
+
+
+def tokenize_pair_with_prompt_length(pair: PreferencePair, tok: Tokenizer, max_length: int,
+                                     stats: PairStats | None = None) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
+    """((chosen_ids, prompt_len), (rejected_ids, prompt_len)): as `tokenize_pair`, plus where each
+    response starts. The boundary comes from tokenizing prompt and response separately."""
+    sides, truncated = _truncated_sides(pair, tok, max_length)
+    if truncated and stats is not None:
+        stats.truncated += 1
+    return tuple((p + r, len(p)) for p, r in sides)
+
+
+class LabeledPairBatch(NamedTuple):
+    """input_ids, attention_mask: [2B, S], chosen rows first, then rejected, right-padded.
+    labels: [2B, S] next-token targets aligned with input_ids (labels[:, t] = input_ids[:, t+1]) on
+    response tokens only; IGNORE on the prompt and on padding."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def collate_labeled_pairs(pairs: Sequence[tuple[tuple[list[int], int], tuple[list[int], int]]], pad_id: int) -> LabeledPairBatch:
+    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
+    S = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), S), dtype=torch.long)
+    labels = torch.full((len(seqs), S), IGNORE, dtype=torch.long)
+    for i, (s, prompt_len) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        start = max(prompt_len, 1)  # the first token has no prediction before it
+        labels[i, start - 1: len(s) - 1] = ids[i, start: len(s)]
+    return LabeledPairBatch(ids, mask, labels)
+
+
+def pair_batches(pairs, batch_size: int, seed: int, start_index: int = 0):
+    """Endless shuffled batches of `pairs`: yields (batch index, batch); `start_index` skips the
+    batches already consumed, so a resumed run sees exactly what the uninterrupted one would."""
+    epoch, i = 0, 0
+    order = list(range(len(pairs)))
+    while True:
+        random.Random(seed + epoch).shuffle(order)
+        for s in range(0, len(order) - batch_size + 1, batch_size):
+            if i >= start_index:
+                yield i, [pairs[j] for j in order[s: s + batch_size]]
+            i += 1
+        epoch += 1
 
 
 def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> PairBatch:
@@ -109,3 +166,39 @@ def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> 
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return PairBatch(ids, mask, mask.sum(1) - 1)
+
+
+def synthetic_preference_pairs(n_train: int, n_eval: int, tok: Tokenizer, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """A correct answer preferred to a plausible wrong one, on the synthetic task's prompts (rendered
+    with the chat template and the task's system line, as SFT trains them)."""
+    from minitune.data.prompts import render_prompt
+    from minitune.data.synthetic import SYSTEM, train_eval_split, wrong_answer
+
+    rng = random.Random(seed)
+    train, evals = train_eval_split(n_train, n_eval, seed=seed)
+
+    def pairs(rows):
+        return [PreferencePair(render_prompt(ex["prompt"], tok, chat=True, system=SYSTEM), ex["answer"],
+                               wrong_answer(ex, rng)) for ex in rows]
+
+    return pairs(train), pairs(evals)
+
+
+def load_preference_pairs(data, tok: Tokenizer, seed: int) -> tuple[list[PreferencePair], list[PreferencePair], PairStats]:
+    """(train pairs, held-out pairs, stats) for a recipe's `data` section: the synthetic task, or rows
+    with chosen/rejected (and optionally prompt) columns from a file, folder or hub dataset, split
+    by `data.holdout`. Rows with a missing or identical side are skipped and counted."""
+    from minitune.data.loading import load_rows, split_rows
+
+    stats = PairStats()
+    if data.source == "synthetic":
+        train, evals = synthetic_preference_pairs(data.synthetic_train, data.synthetic_eval, tok, seed)
+        stats.kept = len(train) + len(evals)
+        return train, evals, stats
+    rows = load_rows(data.source, columns=[data.chosen_column, data.rejected_column])
+    if data.max_rows:
+        rows = rows.select(range(min(data.max_rows, len(rows))))
+    train_rows, eval_rows = split_rows(rows, data.holdout if data.holdout < 1 else int(data.holdout), seed=seed)
+    kw = dict(prompt_col=data.prompt_column if data.prompt_column in rows.column_names else None,
+              chosen_col=data.chosen_column, rejected_col=data.rejected_column, hh_format=data.hh_format, stats=stats)
+    return parse_pairs(train_rows, **kw), parse_pairs(eval_rows, **kw), stats
