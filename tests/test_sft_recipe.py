@@ -167,7 +167,8 @@ def test_bad_config_errors_before_compute(tiny, tmp_path):
 
 
 def test_shipped_configs_load():
-    classes = {"sft": sft.SFTConfig, "reward": load_recipe("reward_model").RewardConfig, "ppo": load_recipe("ppo").PPOConfig}
+    classes = {"sft": sft.SFTConfig, "reward": load_recipe("reward_model").RewardConfig, "ppo": load_recipe("ppo").PPOConfig,
+               "dpo": load_recipe("dpo").DPOConfig}
     paths = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
     assert len(paths) >= 8
     for path in paths:
