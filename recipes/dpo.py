@@ -71,7 +71,9 @@ class DPOConfig:
     run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/dpo", max_steps=40, batch_size=8,
                                                                save_every=20))
     wandb: WandbSection = field(default_factory=WandbSection)
-    dpo: DPOSection = field(default_factory=DPOSection)
+    # sft_weight 1: on the synthetic task plain DPO (0) drove held-out exact-match 0.625 -> 0.29 while
+    # preference accuracy reached 0.99 (both sides' likelihood fell); with the NLL term 0.625 -> 0.505
+    dpo: DPOSection = field(default_factory=lambda: DPOSection(sft_weight=1.0))
     init_adapter: str = "auto"  # adapter to start from (and reference); "auto": the SFT default's if present; "": none
     eval_accuracy: bool = True  # synthetic task: greedy exact-match accuracy on held-out prompts before/after
     eval_max_new_tokens: int = 32

@@ -82,7 +82,7 @@ def base_args(tiny, out, **extra):
     args = {"model.path": str(tiny), "run.output_dir": str(out), "run.progress": "false", "run.max_steps": 8,
             "run.batch_size": 4, "run.save_every": 4, "run.keep_last": 5, "data.synthetic_train": 64,
             "data.synthetic_eval": 16, "data.seq_length": 64, "optim.lr": 1e-2, "optim.warmup_steps": 0,
-            "lora.r": 4, "init_adapter": "", "eval_accuracy": "false", "dpo.beta": 0.5}
+            "lora.r": 4, "init_adapter": "", "eval_accuracy": "false", "dpo.beta": 0.5, "dpo.sft_weight": 0.0}
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -137,7 +137,7 @@ def test_start_adapter_is_the_frozen_reference(tiny, tmp_path):
     # the start, and the saved start adapter is untouched by training
     run(base_args(tiny, tmp_path / "first", **{"run.max_steps": 2}))
     start = tmp_path / "first" / "adapter"
-    out = run(base_args(tiny, tmp_path / "second", **{"init_adapter": start, "run.max_steps": 2}))
+    out = run(base_args(tiny, tmp_path / "second", **{"init_adapter": start, "run.max_steps": 2, "dpo.sft_weight": 1.0}))
     assert out["start_adapter"] == str(start)
     assert out["before"]["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert out["after"]["eval_loss"] != pytest.approx(math.log(2), abs=1e-5)
