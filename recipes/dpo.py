@@ -67,12 +67,13 @@ class DPOConfig:
     lora: LoRASection = field(default_factory=LoRASection)  # used only without init_adapter
     data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=1200, synthetic_eval=200, holdout=300,
                                                                   seq_length=256))
-    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=5e-5, warmup_steps=5))
+    optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5, warmup_steps=5))
     run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/dpo", max_steps=40, batch_size=8,
                                                                save_every=20))
     wandb: WandbSection = field(default_factory=WandbSection)
-    # sft_weight 1: on the synthetic task plain DPO (0) drove held-out exact-match 0.625 -> 0.29 while
-    # preference accuracy reached 0.99 (both sides' likelihood fell); with the NLL term 0.625 -> 0.505
+    # On the synthetic task from the SFT adapter (held-out exact-match 0.625, 40 steps of 8 pairs):
+    # plain DPO at lr 5e-5 -> 0.29 while preference accuracy reached 0.99 (both sides' likelihood
+    # fell); + NLL on chosen (sft_weight 1) -> 0.505; the same at lr 1e-5 -> 0.625 (accuracy 0.995).
     dpo: DPOSection = field(default_factory=lambda: DPOSection(sft_weight=1.0))
     init_adapter: str = "auto"  # adapter to start from (and reference); "auto": the SFT default's if present; "": none
     eval_accuracy: bool = True  # synthetic task: greedy exact-match accuracy on held-out prompts before/after
