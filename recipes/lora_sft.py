@@ -236,7 +236,6 @@ def train(cfg: SFTConfig) -> dict:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                data_state = train_ds.state_dict()
                 dt = time.perf_counter() - t0
                 lr = sched.get_last_lr()[0]
                 if info.is_main and step % cfg.run.log_every == 0:
@@ -250,7 +249,8 @@ def train(cfg: SFTConfig) -> dict:
             stopping = stop.requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="default", optimizer=opt, scheduler=sched,
-                                       data_state=data_state, info=info, base_name=cfg.model.path)
+                                       data_state=train_ds.state_dict() if micro is not None else data_state,
+                                       info=info, base_name=cfg.model.path)
             if stopping:
                 report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break

@@ -118,6 +118,11 @@ def gathered_adapter(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save_state(
     mgr: CheckpointManager, step: int, model: nn.Module, *, adapter: str, optimizer, scheduler, data_state: dict,
     info: DistInfo, extras: dict | None = None, head_tensors: dict[str, torch.Tensor] | None = None,
@@ -129,7 +134,7 @@ def save_state(
     newest one is the last good one."""
     sd = gathered_adapter(model, adapter)
     heads = {k: full_tensor(v.detach()).cpu() for k, v in (head_tensors or {}).items()}
-    bad = [k for k, t in {**sd, **heads}.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite({**sd, **heads})
     if bad:
         latest = mgr.latest()
         raise MinituneError(f"not saving step {step}: {len(bad)} adapter tensor(s) hold NaN/inf (first: {bad[0]}); "
@@ -152,7 +157,7 @@ def restore_adapter(model: nn.Module, ckpt: Path, adapter: str) -> dict[str, tor
     """Copies the checkpoint's adapter into the (unsharded) model's adapter `adapter`; returns the
     extra (head) tensors with the PEFT prefix stripped."""
     tensors = dict(iter_safetensors(ckpt / "adapter" / "adapter_model.safetensors"))
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite(tensors)
     if bad:
         raise MinituneError(f"{ckpt} holds NaN/inf weights ({bad[0]}): resuming would give NaN at once; "
                             "resume from an earlier checkpoint (run.resume=<path>)")
