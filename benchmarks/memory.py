@@ -76,7 +76,7 @@ def worker(a) -> dict:
         from minitune.activations import apply_activation_checkpointing
         from minitune.lora import LoRAConfig, apply_lora
         from minitune.quant import QuantConfig, prepare_for_kbit_training
-        from minitune.train.utils import cross_entropy_sum
+        from minitune.train.loss import cross_entropy_sum
 
         quant = {"lora8bit": QuantConfig(quant_type="int8"), "qlora": QuantConfig(compute_dtype=a.dtype),
                  "qlora-nodq": QuantConfig(compute_dtype=a.dtype, double_quant=False)}.get(a.mode)
@@ -153,11 +153,15 @@ def predict(a) -> float:
     from minitune.model import ModelConfig
 
     cfg = ModelConfig.from_hf({"model_type": "llama", **SHAPES[a.model]})
-    quant = {"lora8bit": "int8", "qlora": "nf4", "qlora-nodq": "nf4"}.get(a.mode, "none")
-    plan = MemoryPlan(batch=a.batch, seq=a.seq, quant=quant, double_quant=a.mode == "qlora",
-                      dtype_bytes=torch.empty(0, dtype=getattr(torch, a.dtype)).element_size(), lora_r=a.rank,
-                      lora_targets=tuple(a.targets.split(",")), full_finetune=a.mode == "full", optimizer=a.optim,
-                      gradient_checkpointing=a.gc, ce_chunk=a.ce_chunk, device=a.device.split(":")[0])
+    from minitune.lora import LoRAConfig
+    from minitune.quant import QuantConfig
+
+    quant = {"lora8bit": QuantConfig(quant_type="int8"), "qlora": QuantConfig(),
+             "qlora-nodq": QuantConfig(double_quant=False)}.get(a.mode)
+    lora = None if a.mode == "full" else LoRAConfig(r=a.rank, alpha=2 * a.rank, target_modules=tuple(a.targets.split(",")))
+    plan = MemoryPlan(batch=a.batch, seq=a.seq, quant=quant, lora=lora, dtype=getattr(torch, a.dtype),
+                      optimizer_state_bytes=2 if "8bit" in a.optim else 8, gradient_checkpointing=a.gc,
+                      ce_chunk=a.ce_chunk, device=a.device.split(":")[0])
     return estimate(cfg, plan)["peak"] / 2**30
 
 

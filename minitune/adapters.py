@@ -24,15 +24,32 @@ PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
-def adapter_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """PEFT-named A/B tensors of adapter `name`."""
+def adapter_state_dict(model: nn.Module, name: str, materialize=lambda t: t) -> dict[str, torch.Tensor]:
+    """PEFT-named A/B tensors of adapter `name` (the one writer of adapter state). `materialize`
+    turns a sharded parameter into the full tensor (FSDP: `minitune.distributed.full_tensor`)."""
     sd = {}
     for path, layer in lora_layers(model):
         if name in layer.adapters:
             a = layer.adapters[name]
-            sd[f"{PREFIX}{path}.lora_A.weight"] = a.lora_A.detach().cpu().contiguous()
-            sd[f"{PREFIX}{path}.lora_B.weight"] = a.lora_B.detach().cpu().contiguous()
+            sd[f"{PREFIX}{path}.lora_A.weight"] = materialize(a.lora_A.detach()).cpu().contiguous()
+            sd[f"{PREFIX}{path}.lora_B.weight"] = materialize(a.lora_B.detach()).cpu().contiguous()
     return sd
+
+
+def split_adapter_tensors(tensors: dict[str, torch.Tensor], source) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """(LoRA tensors by module path {"A": ..., "B": ...}, extra tensors such as a head) from PEFT
+    keys, prefixes stripped: the one reader of adapter state (loading and resuming)."""
+    lora, extra = {}, {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        if ".lora_A." in k or ".lora_B." in k:
+            path, _, rest = k.partition(".lora_")
+            lora.setdefault(path, {})[rest[0]] = t  # "A" or "B"
+        elif "lora_embedding" in k or "lora_magnitude" in k:
+            raise MinituneError(f"{source}: {key} is not supported (embedding LoRA / DoRA)")
+        else:
+            extra[k] = t
+    return lora, extra
 
 
 def save_adapter(
@@ -102,18 +119,7 @@ def load_adapter(
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise MinituneError(f"{folder}: no {WEIGHTS_NAME}")
-    tensors = dict(iter_safetensors(weights))
-    lora, extra = {}, {}
-    for key, t in tensors.items():
-        k = key.removeprefix(PREFIX)
-        if ".lora_A." in k or ".lora_B." in k:
-            path, _, rest = k.partition(".lora_")
-            which = rest[0]  # "A" or "B"
-            lora.setdefault(path, {})[which] = t
-        elif "lora_embedding" in k or "lora_magnitude" in k:
-            raise MinituneError(f"{weights}: {key} is not supported (embedding LoRA / DoRA)")
-        else:
-            extra[k] = t
+    lora, extra = split_adapter_tensors(dict(iter_safetensors(weights)), weights)
     if not lora:
         raise MinituneError(f"{weights}: no LoRA tensors")
     modules = dict(model.named_modules())

@@ -23,3 +23,24 @@ def greedy_accuracy(model, tok, examples: list[dict], *, max_new_tokens: int = 3
     model.train(was_training)
     correct = [is_correct(a, ex["answer"]) for a, ex in zip(answers, examples)]
     return sum(correct) / max(len(correct), 1), [(ex["prompt"], a, ex["answer"]) for ex, a in zip(examples, answers)]
+
+
+def accuracy_by_family(examples: list[dict], rows: list[tuple[str, str, str]]) -> dict[str, float]:
+    """Exact-match share per task family ("add", "sort", ...) of greedy_accuracy's rows."""
+    hits: dict[str, list[bool]] = {}
+    for ex, (_, answer, reference) in zip(examples, rows):
+        hits.setdefault(ex.get("family", "all"), []).append(is_correct(answer, reference))
+    return {f: sum(h) / len(h) for f, h in sorted(hits.items())}
+
+
+def exact_match_report(model, tok, examples: list[dict], *, max_new_tokens: int = 32, device=None) -> dict[str, float]:
+    """{"exact_match": share, "exact_match_<family>": share per family} of greedy answers: the
+    held-out check the RL recipes run at the start, every run.eval_every steps and at the end."""
+    acc, rows = greedy_accuracy(model, tok, examples, max_new_tokens=max_new_tokens, device=device)
+    return {"exact_match": acc, **{f"exact_match_{k}": v for k, v in accuracy_by_family(examples, rows).items()}}
+
+
+def format_report(report: dict[str, float]) -> str:
+    """"0.630 (add 0.55, convert 0.38, ...)" for a printed line."""
+    families = ", ".join(f"{k.removeprefix('exact_match_')} {v:.2f}" for k, v in report.items() if k != "exact_match")
+    return f"{report['exact_match']:.3f}" + (f" ({families})" if families else "")

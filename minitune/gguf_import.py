@@ -107,16 +107,16 @@ def iter_gguf_tensors(path: Path, cfg: ModelConfig) -> Iterator[tuple[str, torch
         yield name, torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
 
 
-def gguf_tokenizer(path: Path):
-    """A minitune Tokenizer rebuilt from the vocabulary, merges and special tokens inside the GGUF.
+def gguf_tokenizer(path: Path) -> dict:
+    """The tokenizer inside a GGUF, as the keyword arguments of `minitune.tokenizer.Tokenizer`:
+    a `tokenizers` backend rebuilt from the vocabulary and merges, special tokens, chat template
+    (`load_tokenizer(path.gguf)` builds the Tokenizer; this module does not import that one).
 
     Only BPE ("gpt2"-family) vocabularies are embedded-importable; for SentencePiece ("llama")
     GGUFs load the original tokenizer folder with `load_tokenizer(folder)`.
     """
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
-
-    from minitune.tokenizer import Tokenizer
 
     r = _reader(path)
     kind = _field(r, "tokenizer.ggml.model")
@@ -144,8 +144,8 @@ def gguf_tokenizer(path: Path):
         from tokenizers.processors import TemplateProcessing
 
         tk.post_processor = TemplateProcessing(single=f"{tokens[bos_id]} $A", special_tokens=[(tokens[bos_id], bos_id)])
-    return Tokenizer(
-        tk, kind="hf", bos=name(tid("tokenizer.ggml.bos_token_id")), eos=name(tid("tokenizer.ggml.eos_token_id")),
+    return dict(
+        backend=tk, kind="hf", bos=name(tid("tokenizer.ggml.bos_token_id")), eos=name(tid("tokenizer.ggml.eos_token_id")),
         pad=name(tid("tokenizer.ggml.padding_token_id")), chat_template=_field(r, "tokenizer.chat_template"),
         add_bos=bool(_field(r, "tokenizer.ggml.add_bos_token", False)),
     )

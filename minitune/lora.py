@@ -17,8 +17,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError
-from minitune.quant import as_dtype, dequantize_weight, is_quantized_linear
+from minitune.quant import dequantize_weight, is_quantized_linear
 
 ALL_LINEAR = "all-linear"
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -35,10 +36,10 @@ class LoRAConfig:
     of linears to wrap, or "all-linear" (every linear but lm_head). rslora: scale alpha/sqrt(r).
     adapter_dtype: dtype of A and B (kept in fp32 by default; compute follows the input's dtype)."""
 
-    r: int = 8
-    alpha: float = 16.0
+    r: int = 16
+    alpha: float = 32.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] | str = ALL_LINEAR
     rslora: bool = False
     init: LoRAInit = LoRAInit.KAIMING
     adapter_dtype: str = "float32"
@@ -52,6 +53,8 @@ class LoRAConfig:
             raise MinituneError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
+        if self.target_modules == (ALL_LINEAR,):  # a config list [all-linear]
+            self.target_modules = ALL_LINEAR
         self.init = LoRAInit(self.init)
         as_dtype(self.adapter_dtype)
 

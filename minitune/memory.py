@@ -19,33 +19,36 @@ peak = weights + trainable state + activations + logits/loss buffers + runtime o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from minitune.errors import MinituneError
+from minitune.lora import ALL_LINEAR, LLAMA_LINEARS, LoRAConfig
 from minitune.model import ModelConfig
+from minitune.quant import QuantConfig, QuantType
 
 GiB = 2**30
 
 
 @dataclass
 class MemoryPlan:
+    """What a training step holds, in the library's own types.
+
+    batch: sequences per forward (DPO and reward models: both sides of each pair); seq: tokens per
+    sequence; quant: the base's QuantConfig or None; lora: the adapter, or None for full
+    fine-tuning; optimizer_state_bytes: per trainable parameter (AdamW 8, 8-bit AdamW 2)."""
+
     batch: int
     seq: int
-    quant: str = "none"  # none | nf4 | fp4 | int8
-    double_quant: bool = True
-    dtype_bytes: int = 4
-    lora_r: int = 16
-    lora_targets: tuple[str, ...] = ("all-linear",)
-    full_finetune: bool = False
-    optimizer: str = "adamw"
+    quant: QuantConfig | None = None
+    lora: LoRAConfig | None = field(default_factory=LoRAConfig)
+    dtype: torch.dtype = torch.float32
+    optimizer_state_bytes: int = 8
     gradient_checkpointing: bool = False
     ce_chunk: int = 0
     device: str = "cpu"
 
-
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CPU_PROCESS_BYTES = int(0.42 * GiB)  # python + torch + bitsandbytes + tokenizers, measured on this CPU
 
 
@@ -63,24 +66,27 @@ def estimate(c: ModelConfig, p: MemoryPlan) -> dict[str, int]:
     shapes = linear_shapes(c)
     lin_params = L * sum(i * o for i, o in shapes.values())
     other = V * D * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * D
-    if p.quant in ("nf4", "fp4"):
-        blocks = lin_params / 64
-        consts = blocks * 1 + blocks / 256 * 4 + 256 * 4 if p.double_quant else blocks * 4
-        weights = lin_params / 2 + consts + other * p.dtype_bytes
-    elif p.quant == "int8":
-        weights = lin_params + L * sum(o for _, o in shapes.values()) * 4 + other * p.dtype_bytes
+    b = torch.empty(0, dtype=p.dtype).element_size()
+    q = p.quant
+    if q is not None and q.is_4bit:
+        blocks = lin_params / q.blocksize
+        consts = blocks * 1 + blocks / 256 * 4 + 256 * 4 if q.double_quant else blocks * 4
+        weights = lin_params / 2 + consts + other * b
+    elif q is not None and q.quant_type == QuantType.INT8:
+        weights = lin_params + L * sum(o for _, o in shapes.values()) * 4 + other * b
     else:
-        weights = (lin_params + other) * p.dtype_bytes
-    targets = _LINEARS if "all-linear" in p.lora_targets else tuple(p.lora_targets)
-    lora_params = 0 if p.full_finetune else L * p.lora_r * sum(i + o for n, (i, o) in shapes.items() if n in targets)
-    opt_bytes = 2 if "8bit" in p.optimizer else 8
-    if p.full_finetune:
-        trainable = (lin_params + other) * (p.dtype_bytes + opt_bytes)  # grads + moments (params already counted)
+        weights = (lin_params + other) * b
+    lora = p.lora
+    targets = () if lora is None else LLAMA_LINEARS if lora.target_modules == ALL_LINEAR else tuple(lora.target_modules)
+    r = 0 if lora is None else lora.r
+    lora_params = L * r * sum(i + o for n, (i, o) in shapes.items() if n in targets)
+    opt_bytes = p.optimizer_state_bytes
+    if lora is None:
+        trainable = (lin_params + other) * (b + opt_bytes)  # grads + moments (params already counted)
     else:
         trainable = lora_params * (4 + 4 + opt_bytes)
     tokens = p.batch * p.seq
-    b = p.dtype_bytes
-    per_layer = (10 * D + 2 * kvD + 4 * I) * b + (sum(i for n, (i, _) in shapes.items() if n in targets) + 2 * p.lora_r * len(targets)) * b
+    per_layer = (10 * D + 2 * kvD + 4 * I) * b + (sum(i for n, (i, _) in shapes.items() if n in targets) + 2 * r * len(targets)) * b
     if p.gradient_checkpointing:
         acts = tokens * (L * D * b + per_layer)
     else:
@@ -97,18 +103,6 @@ def estimate(c: ModelConfig, p: MemoryPlan) -> dict[str, int]:
     return parts
 
 
-def plan_from_config(cfg, device: torch.device) -> MemoryPlan:
-    """A MemoryPlan from a recipe config (model/lora/optim/run/data sections)."""
-    m = cfg.model
-    return MemoryPlan(
-        batch=cfg.run.batch_size * getattr(cfg, "plan_batch_factor", 1), seq=cfg.data.seq_length,
-        quant=m.quant.value, double_quant=m.double_quant,
-        dtype_bytes=torch.empty(0, dtype=m.torch_dtype).element_size(), lora_r=cfg.lora.r,
-        lora_targets=tuple(cfg.lora.target_modules), optimizer=cfg.optim.name.value,
-        gradient_checkpointing=m.gradient_checkpointing, ce_chunk=getattr(cfg, "ce_chunk", 0), device=device.type,
-    )
-
-
 def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -122,15 +116,16 @@ def fmt(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
-def check_fits(model_cfg: ModelConfig, cfg, device: torch.device, info=None, report=print) -> dict[str, int]:
-    """Prints the predicted peak and raises when it exceeds the free memory (unless
-    run.memory_check is false)."""
-    est = estimate(model_cfg, plan_from_config(cfg, device))
+def check_fits(model_cfg: ModelConfig, plan: MemoryPlan, *, enforce: bool = True, report=print) -> dict[str, int]:
+    """Prints the predicted peak and raises when it exceeds the free memory (unless `enforce` is
+    false: run.memory_check in the recipes)."""
+    device = torch.device(plan.device)
+    est = estimate(model_cfg, plan)
     avail = available_bytes(device)
     if report is not None:
         parts = ", ".join(f"{k} {fmt(v)}" for k, v in est.items() if k != "peak")
         report(f"predicted peak memory: {fmt(est['peak'])} ({parts}); available: {fmt(avail)}")
-    if est["peak"] > avail and cfg.run.memory_check:
+    if est["peak"] > avail and enforce:
         raise MinituneError(
             f"this run is predicted to need {fmt(est['peak'])} but only {fmt(avail)} is free on {device}; lower "
             "run.batch_size or data.seq_length, enable model.gradient_checkpointing or a quantized base, or set "

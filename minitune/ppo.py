@@ -1,4 +1,5 @@
-"""PPO's algorithm pieces as plain functions over typed containers (the loop is recipes/ppo.py).
+"""PPO's algorithm pieces: the value head, running score moments, and plain functions over typed
+containers (the loop is recipes/ppo.py).
 
 Shapes: B rollouts, R response tokens (right-padded, mask 1 up to and including the EOS).
 Follows TRL's PPO as StackLLaMA used it: per-token reward -kl_coef * kl_t with the score added at
@@ -6,14 +7,18 @@ the last generated token, GAE with the value after the last token taken as 0, ma
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from minitune.distributed import all_reduce_sum
 from minitune.errors import MinituneError
+from minitune.generate import positions_from_mask
 
 
 class KLEstimator(str, Enum):
@@ -24,24 +29,34 @@ class KLEstimator(str, Enum):
 
 
 class Trajectory(NamedTuple):
-    """One rollout batch.
+    """One rollout batch, everything the PPO update reads.
 
-    query_ids: [B, P] left-padded prompts; query_mask: [B, P].
-    response_ids: [B, R] generated tokens (pad after stop); response_mask: [B, R] float.
-    logprobs: [B, R] policy log-probs at rollout; ref_logprobs: [B, R] reference (adapters off).
-    values: [B, R] value-head estimates; scores: [B] sequence scores (after scaling/penalties).
-    kl: [B, R] the per-token KL estimate used in the penalty.
+    sequences: [B, P+R] left-padded prompts then the responses; attention_mask: [B, P+R].
+    response_mask: [B, R] float, 1 up to and including each response's EOS.
+    logprobs / ref_logprobs: [B, R] policy (at rollout) and reference log-probs of the response.
+    values: [B, R] value estimates (zeros without a value function); kl: [B, R] the per-token KL
+    estimate in the penalty; scores: [B] sequence scores after baselines and penalties;
+    advantages / returns: [B, R].
     """
 
-    query_ids: torch.Tensor
-    query_mask: torch.Tensor
-    response_ids: torch.Tensor
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
-    scores: torch.Tensor
     kl: torch.Tensor
+    scores: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        return self.sequences.shape[1] - self.response_mask.shape[1]
+
+    def select(self, index: torch.Tensor) -> "Trajectory":
+        """The rows `index` of every field: a minibatch."""
+        return Trajectory(*(t[index] for t in self))
 
 
 class PPOStats(NamedTuple):
@@ -54,6 +69,79 @@ class PPOStats(NamedTuple):
     approx_kl: torch.Tensor
     ratio_mean: torch.Tensor
     entropy: torch.Tensor
+
+
+@dataclass
+class PPOSettings:
+    """PPO's hyperparameters (the `ppo:` section of recipes/ppo.py's config). Defaults are TRL's
+    legacy PPO as StackLLaMA used it."""
+
+    rollout_batch: int = 16  # prompts per rollout per rank
+    mini_batch: int = 4
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    ratio_threshold: float = 10.0  # skip a minibatch whose mean ratio exceeds this
+    kl_estimator: KLEstimator = KLEstimator.KL
+    adaptive_kl: bool = True
+    init_kl_coef: float = 0.2
+    kl_target: float = 6.0
+    kl_horizon: float = 10000.0
+    whiten_advantages: bool = True
+    score_scale: float = 1.0
+    score_norm: bool = False  # divide scores by their running std
+    score_baseline: bool = False  # subtract the running mean score
+    samples_per_prompt: int = 1  # responses sampled per prompt; rollout_batch counts responses
+    group_baseline: bool = False  # subtract the mean score of the prompt's other responses (RLOO); needs >= 2
+    score_clip: float = 0.0  # 0: no clipping
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses with no EOS
+    value_dropout: float = 0.1
+    value_detach: bool = False  # train the value head on detached hidden states: the policy's LoRA weights then
+    # get only the policy gradient (the shared-trunk value loss can pull a small model's answers around)
+    use_value: bool = True  # false: no value function; each token's advantage is its return (score + KL penalties
+    # to the end, discounted by gamma; lam unused): REINFORCE, or RLOO with group_baseline
+
+
+class ValueHead(nn.Module):
+    """dropout + Linear(hidden, 1) per token on the policy's last hidden state (TRL's value head)."""
+
+    def __init__(self, hidden: int, dropout: float, device=None):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden, 1, device=device)
+        nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.summary(self.dropout(h.float())).squeeze(-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"v_head.summary.weight": self.summary.weight, "v_head.summary.bias": self.summary.bias}
+
+    def load(self, t: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.summary.weight.copy_(t["v_head.summary.weight"])
+            self.summary.bias.copy_(t["v_head.summary.bias"])
+
+
+@dataclass
+class RunningMoments:
+    """Running mean/std of scores (for baseline subtraction and normalization)."""
+
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item() if x.numel() > 1 else 0.0
+        total = self.count + n
+        delta = m - self.mean
+        self.mean += delta * n / total
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
+        self.count = total
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
@@ -160,6 +248,80 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - masked_var(returns - values, mask, unbiased=False) / var_r) if var_r > 0 else float("nan")
 
 
+def policy_forward(model, head: ValueHead, seq, mask, P: int, temperature: float, *, with_entropy=False,
+                   detach_values=False):
+    """Log-probs [B, R], values [B, R] (and entropy) of the response part of `seq` [B, P+R]."""
+    out = model(seq, positions_from_mask(mask), mask, logits_from=P - 1)  # no logits over the prompt
+    logits = out.logits[:, :-1]  # position t predicts token t+1: positions P-1 .. P+R-2
+    logp = logprobs_from_logits(logits, seq[:, P:], temperature)
+    hidden = out.hidden[:, P - 1: -1]
+    values = head(hidden.detach() if detach_values else hidden)
+    ent = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logp, values, ent, logits
+
+
+def trajectory(policy, value_head: ValueHead, reference, sequences: torch.Tensor, attention_mask: torch.Tensor,
+               response_mask: torch.Tensor, scores: torch.Tensor, s: PPOSettings, *, temperature: float,
+               kl_coef: float) -> tuple[Trajectory, torch.Tensor]:
+    """(Trajectory, non-score rewards [B, R]) of scored responses, without grad: policy and reference
+    log-probs and values (3), per-token rewards -kl_coef * kl_t with the score on the last generated
+    token (4), GAE advantages and returns, without a value function the return itself, whitened (5).
+    `reference()` gives a context in which `policy` is the reference."""
+    P, T = sequences.shape[1] - response_mask.shape[1], temperature
+    rmask = response_mask.float()
+    with torch.no_grad():
+        logp, values, _, logits = policy_forward(policy, value_head, sequences, attention_mask, P, T)
+        with reference():
+            ref_logits = policy(sequences, positions_from_mask(attention_mask), attention_mask,
+                                logits_from=P - 1).logits[:, :-1]
+        ref_logp = logprobs_from_logits(ref_logits, sequences[:, P:], T)
+        kl = kl_per_token(logp, ref_logp, s.kl_estimator, logits / max(T, 1e-6), ref_logits / max(T, 1e-6)) * rmask
+        rewards, non_score = per_token_rewards(scores, kl, rmask, kl_coef)
+        if not s.use_value:
+            values = torch.zeros_like(values)
+        adv, returns = gae(rewards, values, rmask, s.gamma, s.lam if s.use_value else 1.0)
+        if s.whiten_advantages:
+            adv = whiten(adv, rmask)
+    return Trajectory(sequences, attention_mask, rmask, logp, ref_logp, values, kl, scores, adv, returns), non_score
+
+
+def ppo_update(model, value_head: ValueHead, traj: Trajectory, opt, c: PPOSettings, *, temperature: float,
+               grad_clip: float, rng: random.Random, world_size: int = 1, check=None) -> tuple[list[PPOStats], int]:
+    """ppo_epochs passes over shuffled minibatches of the trajectory, one optimizer step each; a
+    minibatch whose mean ratio exceeds ratio_threshold is skipped. `check(loss=, gradient_norm=)` runs
+    before each optimizer step (the recipes stop on a non-finite value). Returns (stats, skipped)."""
+    model.train()
+    value_head.train()
+    stats, skipped = [], 0
+    B, P = traj.sequences.shape[0], traj.prompt_length
+    params = [p for p in list(model.parameters()) + list(value_head.parameters()) if p.requires_grad]
+    for _ in range(c.ppo_epochs):
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        for s in range(0, B, c.mini_batch):
+            mb = traj.select(order[s: s + c.mini_batch].to(traj.sequences.device))
+            logp, values, ent, _ = policy_forward(model, value_head, mb.sequences, mb.attention_mask, P, temperature,
+                                                  with_entropy=True, detach_values=c.value_detach)
+            pg_loss, vf_loss, st = ppo_losses(logp, mb.logprobs, values, mb.values, mb.advantages, mb.returns,
+                                              mb.response_mask, cliprange=c.cliprange,
+                                              cliprange_value=c.cliprange_value, entropy=ent)
+            if st.ratio_mean.item() > c.ratio_threshold:
+                skipped += 1  # a stale or broken minibatch: its update would be huge
+                opt.zero_grad(set_to_none=True)
+                continue
+            loss = pg_loss + c.vf_coef * vf_loss if c.use_value else pg_loss
+            loss.backward()
+            if world_size > 1:  # the value head is outside DDP
+                for p in value_head.parameters():
+                    all_reduce_sum(p.grad).div_(world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            if check is not None:
+                check(loss=loss.item(), gradient_norm=float(grad_norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stats.append(st)
+    return stats, skipped
+
+
 @dataclass
 class AdaptiveKLController:
     """Ziegler et al.: kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
@@ -228,8 +390,11 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "KLEstimator",
+    "PPOSettings",
     "PPOStats",
+    "RunningMoments",
     "Trajectory",
+    "ValueHead",
     "check_scores",
     "entropy_from_logits",
     "explained_variance",
@@ -240,7 +405,10 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "per_token_rewards",
+    "policy_forward",
+    "ppo_update",
     "ppo_losses",
     "response_diversity",
+    "trajectory",
     "whiten",
 ]

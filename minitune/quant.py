@@ -8,18 +8,26 @@ in a float storage dtype shards like any other. 8-bit layers are bitsandbytes' `
 
 Applied to a model on the `meta` device (as `load_model(..., quant=...)` does), layers are
 quantized one by one as the checkpoint is read, so peak memory stays near the quantized size.
+
+bitsandbytes is needed only to quantize: without it this module still imports (plain LoRA on a
+float base does not touch it) and `quantize` says what to install.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import torch
 from torch import nn
 
+from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError
+
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+except ImportError:  # plain (unquantized) LoRA runs without it
+    bnb = bnbF = None
 
 
 class QuantType(str, Enum):
@@ -28,15 +36,10 @@ class QuantType(str, Enum):
     INT8 = "int8"
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
-
-
-def as_dtype(d: str | torch.dtype) -> torch.dtype:
-    if isinstance(d, torch.dtype):
-        return d
-    if d not in _DTYPES:
-        raise MinituneError(f"unknown dtype {d!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[d]
+def require_bitsandbytes(what: str) -> None:
+    if bnb is None:
+        raise MinituneError(f"{what} needs bitsandbytes, which is not installed: pip install bitsandbytes "
+                            "(or train without quantization: model.quant=none)")
 
 
 @dataclass
@@ -45,6 +48,8 @@ class QuantConfig:
     compute_dtype: dtype of the 4-bit matmul. quant_storage: dtype the packed 4-bit bytes are stored
     in (set it to FSDP's param dtype, e.g. bfloat16, to shard). skip: module names never quantized.
     """
+
+    SHORTHAND = "quant_type"  # in a config, `quant: nf4` is QuantConfig(quant_type="nf4")
 
     quant_type: QuantType = QuantType.NF4
     double_quant: bool = True
@@ -58,6 +63,13 @@ class QuantConfig:
         self.quant_type = QuantType(self.quant_type)
         as_dtype(self.compute_dtype), as_dtype(self.quant_storage)
         self.skip = tuple(self.skip)
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise MinituneError(f"quant.blocksize must be a power of two from 32 to 4096 (bitsandbytes' block sizes), "
+                                f"got {self.blocksize}")
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.quant_type in (QuantType.NF4, QuantType.FP4)
 
 
 class Linear4bit(nn.Module):
@@ -128,20 +140,27 @@ class _Linear8bitLoader:
             self.bias = nn.Parameter(torch.zeros(self.out_features, device=device), requires_grad=False)
 
 
-class Linear8bit(_Linear8bitLoader, bnb.nn.Linear8bitLt):
-    """bitsandbytes' LLM.int8() linear with a streaming loader."""
+if bnb is not None:
+    class Linear8bit(_Linear8bitLoader, bnb.nn.Linear8bitLt):
+        """bitsandbytes' LLM.int8() linear with a streaming loader."""
 
-    def dequantize(self) -> torch.Tensor:
-        return _dequantize_int8(self)
+        def dequantize(self) -> torch.Tensor:
+            return _dequantize_int8(self)
+
+    _QUANTIZED = (Linear4bit, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+else:
+    Linear8bit = None
+    _QUANTIZED = (Linear4bit,)
 
 
-def _dequantize_int8(linear: bnb.nn.Linear8bitLt) -> torch.Tensor:
+def _dequantize_int8(linear) -> torch.Tensor:
     # bitsandbytes moves the row scales from the parameter to `state` after the first forward.
     scb = linear.weight.SCB if getattr(linear.weight, "SCB", None) is not None else linear.state.SCB
     return linear.weight.data.float() * scb.float()[:, None] / 127.0
 
 
 def _make_quantized(linear: nn.Linear, cfg: QuantConfig) -> nn.Module:
+    require_bitsandbytes(f"quantizing to {cfg.quant_type.value}")
     has_bias = linear.bias is not None
     on_meta = linear.weight.device.type == "meta"
     device = linear.weight.device
@@ -159,7 +178,7 @@ def _make_quantized(linear: nn.Linear, cfg: QuantConfig) -> nn.Module:
 
 
 def is_quantized_linear(m: nn.Module) -> bool:
-    return isinstance(m, (Linear4bit, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    return isinstance(m, _QUANTIZED)
 
 
 def quantize(model: nn.Module, cfg: QuantConfig) -> nn.Module:
@@ -178,11 +197,11 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> nn.Module:
 
 def dequantize_weight(linear: nn.Module) -> torch.Tensor:
     """The full-precision weight [out, in] of any supported linear (fp32 for quantized ones)."""
-    if isinstance(linear, (Linear4bit, Linear8bit)):
+    if isinstance(linear, Linear4bit) or (Linear8bit is not None and isinstance(linear, Linear8bit)):
         return linear.dequantize()
-    if isinstance(linear, bnb.nn.Linear4bit):
+    if bnb is not None and isinstance(linear, bnb.nn.Linear4bit):
         return bnbF.dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
-    if isinstance(linear, bnb.nn.Linear8bitLt):
+    if bnb is not None and isinstance(linear, bnb.nn.Linear8bitLt):
         return _dequantize_int8(linear)
     if isinstance(linear, nn.Linear):
         return linear.weight.data

@@ -190,7 +190,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if p.is_file() and p.suffix == ".gguf":
         from minitune.gguf_import import gguf_tokenizer
 
-        return gguf_tokenizer(p)
+        return Tokenizer(**gguf_tokenizer(p))
     if not p.is_dir():
         raise MinituneError(f"tokenizer path {p} does not exist")
     tcfg = _read_json(p / "tokenizer_config.json")

@@ -13,38 +13,29 @@ prompt + response (longer pairs lose the prompt's oldest tokens, then the respon
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from minitune.adapters import load_adapter, save_adapter
 from minitune.data.preference import (LabeledPairBatch, collate_labeled_pairs, load_preference_pairs, pair_batches,
                                       tokenize_pair_with_prompt_length)
 from minitune.data.synthetic import train_eval_split
-from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
+from minitune.distributed import all_reduce_sum, unwrap
 from minitune.dpo import DPOLossType, dpo_loss, response_logprobs
 from minitune.errors import MinituneError, require
 from minitune.evaluation import greedy_accuracy
 from minitune.generate import positions_from_mask
-from minitune.lora import apply_lora, disable_adapters, lora_parameters, set_adapter, use_adapter
-from minitune.memory import check_fits
-from minitune.tokenizer import load_tokenizer
+from minitune.lora import LoRAConfig
 from minitune.train.checkpointing import CheckpointManager
-from minitune.train.cli import report_stop, run_recipe, should_save, write_summary
-from minitune.train.config import to_dict
-from minitune.train.metrics import MetricsLogger
-from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
-                                     resolve_grad_accum)
-from minitune.train.setup import (build_base, finish_model, gathered_adapter, model_path, prepare_output, progress_bar,
-                                  restore_adapter, restore_state, save_state)
-from minitune.train.utils import StopSignal, build_optimizer, check_finite, lr_lambda, seed_everything
-
-SFT_DEFAULT_ADAPTER = Path("outputs/lora_sft/adapter")  # where `python recipes/lora_sft.py` saves by default
-
+from minitune.train.cli import report_stop, run_recipe, should_save
+from minitune.train.sections import DataSection, ModelSection, OptimSection, RunSection, WandbSection
+from minitune.train.setup import (attach_policy, build_base, check_memory, finish_model, finish_run, progress_bar,
+                                  resolve_init_adapter, restore_adapter, restore_state, save_state, start_run)
+from minitune.train.control import StopSignal, check_finite
+from minitune.train.optim import build_optimizer, lr_lambda
+from minitune.train.rng import seed_everything
 
 @dataclass
 class DPOSection:
@@ -64,7 +55,7 @@ class DPOSection:
 @dataclass
 class DPOConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoRASection = field(default_factory=LoRASection)  # used only without init_adapter
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # used only without init_adapter
     data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=1200, synthetic_eval=200, holdout=300,
                                                                   seq_length=256))
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-5, warmup_steps=5))
@@ -78,27 +69,6 @@ class DPOConfig:
     init_adapter: str = "auto"  # adapter to start from (and reference); "auto": the SFT default's if present; "": none
     eval_accuracy: bool = True  # synthetic task: greedy exact-match accuracy on held-out prompts before/after
     eval_max_new_tokens: int = 32
-
-    @property
-    def plan_batch_factor(self) -> int:
-        return 2  # chosen and rejected in one forward
-
-
-def resolve_init_adapter(cfg: DPOConfig) -> Path | None:
-    """The adapter to start from, checked before any model is loaded."""
-    if cfg.init_adapter == "auto":
-        return SFT_DEFAULT_ADAPTER if (SFT_DEFAULT_ADAPTER / "adapter_config.json").exists() else None
-    if not cfg.init_adapter:
-        return None
-    path = Path(cfg.init_adapter)
-    config = path / "adapter_config.json"
-    if not config.exists():
-        raise MinituneError(f"init_adapter={cfg.init_adapter}: no adapter_config.json there (not a PEFT adapter folder)")
-    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
-    if base and base != cfg.model.path:
-        raise MinituneError(f"init_adapter {path} was trained on base {base!r}, but model.path is {cfg.model.path!r}; "
-                            f"set model.path={base} or start from an adapter of this base")
-    return path
 
 
 def tokenize(pairs, tok, cfg: DPOConfig, stats):
@@ -159,16 +129,9 @@ def evaluate(model, reference, pairs, cfg: DPOConfig, pad_id, device) -> dict:
 
 def train(cfg: DPOConfig) -> dict:
     # 1. Set-up: process group, output folder and resume point, the start adapter (checked first).
-    init = resolve_init_adapter(cfg)
-    device = cfg.run.resolved_device()
-    info = init_distributed(device)
-    device = info.device
-    grad_accum = resolve_grad_accum(cfg.run, info.world_size)
-    if cfg.model.path != "demo":
-        model_path(cfg.model.path)
-    out_dir, resume = prepare_output(cfg, cfg.run, info)
-    tok = load_tokenizer(model_path(cfg.model.path))
-    log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
+    init = resolve_init_adapter(cfg.init_adapter, cfg.model.path)
+    ctx = start_run(cfg)
+    info, device, out_dir, resume, tok, log, grad_accum = ctx
 
     # 2. Data: tokenized pairs with their prompt boundary, each rank its own share.
     train_pairs, eval_pairs, stats = load_preference_pairs(cfg.data, tok, cfg.run.seed)
@@ -186,18 +149,9 @@ def train(cfg: DPOConfig) -> dict:
     # 3. Model: one frozen base; policy adapter (a trainable copy of init, or fresh) and the reference.
     seed_everything(cfg.run.seed)
     base = build_base(cfg.model, device)
-    check_fits(base.config, cfg, device, info, report=print if info.is_main else None)
-    if init is not None:
-        load_adapter(base, init, "reference", trainable=False)
-        load_adapter(base, init, "policy", trainable=True)
-        for p in base.parameters():
-            p.requires_grad_(False)
-        for p in lora_parameters(base, "policy"):
-            p.requires_grad_(True)
-    else:
-        apply_lora(base, cfg.lora.lora_config(), "policy")
-    set_adapter(base, "policy")
-    reference = (lambda: use_adapter(base, "reference")) if init is not None else (lambda: disable_adapters(base))
+    check_memory(base, cfg.model, cfg.lora, cfg.optim, cfg.run, device, info, batch=2 * cfg.run.batch_size,
+                 seq=cfg.data.seq_length)  # chosen and rejected in one forward
+    reference = attach_policy(base, init, cfg.lora)
     if resume is not None:
         restore_adapter(base, resume, "policy")
     model = finish_model(base, cfg.model, cfg.run, info)
@@ -273,14 +227,7 @@ def train(cfg: DPOConfig) -> dict:
         summary["after"]["eval_exact_match"] = greedy_accuracy(
             unwrap(model), tok, held_out, max_new_tokens=cfg.eval_max_new_tokens, device=device)[0]
     summary.update(final_step=step, train_seconds=round(time.perf_counter() - t_start, 1), last_checkpoint=str(last_ckpt))
-    sd = gathered_adapter(model, "policy")
-    if info.is_main:
-        save_adapter(unwrap(model), out_dir / "adapter", "policy", state_dict=sd, base_model_name_or_path=cfg.model.path)
-        log.log(step, **summary["after"])
-        write_summary(out_dir, summary)
-        print(json.dumps(summary, indent=2))
-    log.close()
-    cleanup(model)
+    finish_run(model, ctx, summary, adapter="policy", base_name=cfg.model.path, step=step, final_metrics=summary["after"])
     return summary
 
 

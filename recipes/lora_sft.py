@@ -18,26 +18,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.adapters import save_adapter
-from minitune.data import Columns, ConstantLengthDataset, load_rows, make_formatter, split_rows
+from minitune.data import Columns, ConstantLengthDataset, make_formatter
+from minitune.data.loading import train_and_eval_rows
 from minitune.data.packing import PackingStats, no_tokens_error
 from minitune.data.synthetic import train_eval_split
-from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
+from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError
 from minitune.evaluation import greedy_accuracy
-from minitune.lora import apply_lora, base_parameter_bytes
-from minitune.memory import check_fits
-from minitune.tokenizer import load_tokenizer
+from minitune.lora import LoRAConfig, apply_lora, base_parameter_bytes
 from minitune.train.checkpointing import CheckpointManager
-from minitune.train.cli import report_stop, run_recipe, should_save, write_summary
-from minitune.train.config import to_dict
-from minitune.train.metrics import MetricsLogger
-from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
-                                     resolve_grad_accum)
-from minitune.train.setup import (build_base, finish_model, model_path, prepare_output, progress_bar, restore_adapter,
-                                  restore_state, save_state)
-from minitune.train.utils import (StopRequested, StopSignal, build_optimizer, check_finite, cross_entropy_sum, lr_lambda,
-                                  seed_everything)
+from minitune.train.cli import report_stop, run_recipe, should_save
+from minitune.train.sections import SFT_OUTPUT_DIR, DataSection, ModelSection, OptimSection, RunSection, WandbSection
+from minitune.train.setup import (build_base, check_memory, finish_model, finish_run, progress_bar, restore_adapter,
+                                  restore_state, save_state, start_run)
+from minitune.train.control import StopRequested, StopSignal, check_finite
+from minitune.train.loss import cross_entropy_sum
+from minitune.train.optim import build_optimizer, lr_lambda
+from minitune.train.rng import seed_everything
 
 
 @dataclass
@@ -51,10 +48,10 @@ class EvalSection:
 @dataclass
 class SFTConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoRASection = field(default_factory=LoRASection)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/lora_sft", max_steps=60,
+    run: RunSection = field(default_factory=lambda: RunSection(output_dir=SFT_OUTPUT_DIR, max_steps=60,
                                                                batch_size=4, eval_every=0, save_every=20))
     wandb: WandbSection = field(default_factory=WandbSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -74,10 +71,8 @@ def build_data(cfg: SFTConfig, tok, info):
     else:
         needed = {"text": [d.text_column], "stackllama": [d.prompt_column, d.response_column],
                   "chat": [d.messages_column], "alpaca": ["instruction", "output"]}[d.template.value]
-        rows = load_rows(d.source, columns=needed)
-        if d.max_rows:
-            rows = rows.select(range(min(d.max_rows, len(rows))))
-        train_rows, eval_rows = split_rows(rows, d.holdout if d.holdout < 1 else int(d.holdout), seed=cfg.run.seed)
+        train_rows, eval_rows = train_and_eval_rows(d.source, needed, eval_source=d.eval_source, holdout=d.holdout,
+                                                    max_rows=d.max_rows, seed=cfg.run.seed)
     cols = Columns(text=d.text_column, prompt=d.prompt_column, response=d.response_column, messages=d.messages_column)
     fmt = make_formatter(d.template, tok, cols, completion_only=d.completion_only)
     shard = (info.rank, info.world_size)
@@ -142,15 +137,8 @@ def packing_stats(train_ds: ConstantLengthDataset) -> PackingStats:
 
 def train(cfg: SFTConfig) -> dict:
     # 1. Set-up: process group, output folder and resume point, resolved config.
-    device = cfg.run.resolved_device()
-    info = init_distributed(device)
-    device = info.device
-    grad_accum = resolve_grad_accum(cfg.run, info.world_size)
-    if cfg.model.path != "demo":
-        model_path(cfg.model.path)  # a missing path fails here, before anything is written
-    out_dir, resume = prepare_output(cfg, cfg.run, info)
-    tok = load_tokenizer(model_path(cfg.model.path))
-    log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
+    ctx = start_run(cfg)
+    info, device, out_dir, resume, tok, log, grad_accum = ctx
 
     # 2. Data: packed blocks, sharded by rank; one pass for the packing stats (bad data stops here,
     #    before the model loads).
@@ -168,8 +156,9 @@ def train(cfg: SFTConfig) -> dict:
     if cfg.data.seq_length > base.config.max_position_embeddings:
         raise MinituneError(f"data.seq_length={cfg.data.seq_length} exceeds the model's context "
                             f"({base.config.max_position_embeddings}); lower data.seq_length")
-    check_fits(base.config, cfg, device, info, report=print if info.is_main else None)
-    counts = apply_lora(base, cfg.lora.lora_config())
+    check_memory(base, cfg.model, cfg.lora, cfg.optim, cfg.run, device, info, batch=cfg.run.batch_size,
+                 seq=cfg.data.seq_length, ce_chunk=cfg.ce_chunk)
+    counts = apply_lora(base, cfg.lora)
     if info.is_main:
         print(f"trainable params: {counts['trainable']:,} of {counts['total']:,} ({counts['percent']:.2f}%); "
               f"{total_steps} steps of {tokens_per_step:,} tokens")
@@ -265,16 +254,8 @@ def train(cfg: SFTConfig) -> dict:
         if info.is_main:
             for prompt, ans, ref in samples:
                 print(f"  Q: {prompt}\n  A: {ans!r} (reference {ref})")
-    from minitune.train.setup import gathered_adapter
-
-    sd = gathered_adapter(model, "default")
-    if info.is_main:
-        save_adapter(unwrap(model), out_dir / "adapter", state_dict=sd, base_model_name_or_path=cfg.model.path)
-        log.log(step, **{k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        write_summary(out_dir, summary)
-        print(json.dumps(summary, indent=2))
-    log.close()
-    cleanup(model)
+    finish_run(model, ctx, summary, adapter="default", base_name=cfg.model.path, step=step,
+               final_metrics={k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return summary
 
 

@@ -14,20 +14,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from minitune.adapters import load_adapter
 from minitune.checkpoint import load_model, save_model
 from minitune.errors import MinituneError
+from minitune.dtypes import as_dtype
 from minitune.lora import merge_for_export
-from minitune.quant import as_dtype
+from minitune.quant import QuantConfig, QuantType
 from minitune.tokenizer import load_tokenizer
-from minitune.train.sections import ModelSection, QuantMode
 from minitune.train.setup import model_path
 
 
 def merge(base: str, adapter: str, out: str, *, quant: str = "none", dtype: str = "float32") -> None:
-    section = ModelSection(path=base, dtype="float32", quant=QuantMode(quant), compute_dtype="float32")
     path = model_path(base)
-    model = load_model(path, dtype=section.torch_dtype, quant=section.quant_config())
+    model = load_model(path, dtype=torch.float32,
+                       quant=None if quant == "none" else QuantConfig(quant_type=quant, compute_dtype="float32"))
     load_adapter(model, adapter, "default")
     merge_for_export(model, "default", dtype=as_dtype(dtype))
     save_model(model, out, tokenizer=load_tokenizer(path))
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--base", required=True, help='HF folder, .gguf file, hub id, or "demo"')
     ap.add_argument("--adapter", required=True, help="PEFT-format adapter folder")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--quant", default="none", choices=[q.value for q in QuantMode],
+    ap.add_argument("--quant", default="none", choices=["none"] + [q.value for q in QuantType],
                     help="the quantization the adapter was trained over (merged into the dequantized weights)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)

@@ -10,30 +10,25 @@ second named adapter onto the base the PPO policy uses.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from minitune.adapters import save_adapter
 from minitune.data.preference import collate_pairs, load_preference_pairs, pair_batches, tokenize_pair
-from minitune.distributed import all_reduce_sum, cleanup, init_distributed, unwrap
+from minitune.distributed import all_reduce_sum
 from minitune.errors import MinituneError
-from minitune.lora import apply_lora
-from minitune.memory import check_fits
+from minitune.lora import LoRAConfig, apply_lora
 from minitune.reward import RewardHead, pairwise_loss, sequence_rewards
-from minitune.tokenizer import load_tokenizer
 from minitune.train.checkpointing import CheckpointManager
-from minitune.train.cli import report_stop, run_recipe, should_save, write_summary
-from minitune.train.config import to_dict
-from minitune.train.metrics import MetricsLogger
-from minitune.train.sections import (DataSection, LoRASection, ModelSection, OptimSection, RunSection, WandbSection,
-                                     resolve_grad_accum)
-from minitune.train.setup import (build_base, finish_model, gathered_adapter, model_path, prepare_output, progress_bar,
-                                  restore_adapter, restore_state, save_state)
-from minitune.train.utils import StopSignal, build_optimizer, check_finite, lr_lambda, seed_everything
+from minitune.train.cli import report_stop, run_recipe, should_save
+from minitune.train.sections import DataSection, ModelSection, OptimSection, RunSection, WandbSection
+from minitune.train.setup import (build_base, check_memory, finish_model, finish_run, progress_bar, restore_adapter,
+                                  restore_state, save_state, start_run)
+from minitune.train.control import StopSignal, check_finite
+from minitune.train.optim import build_optimizer, lr_lambda
+from minitune.train.rng import seed_everything
 
 
 @dataclass
@@ -47,17 +42,13 @@ class RewardSection:
 @dataclass
 class RewardConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoRASection = field(default_factory=lambda: LoRASection(r=16, alpha=32.0))
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataSection = field(default_factory=lambda: DataSection(synthetic_train=1200, synthetic_eval=200, holdout=300))
     optim: OptimSection = field(default_factory=lambda: OptimSection(lr=1e-3, warmup_steps=5))
     run: RunSection = field(default_factory=lambda: RunSection(output_dir="outputs/reward_model", max_steps=60,
                                                                batch_size=8, save_every=20))
     wandb: WandbSection = field(default_factory=WandbSection)
     reward: RewardSection = field(default_factory=RewardSection)
-
-    @property
-    def plan_batch_factor(self) -> int:
-        return 2  # chosen and rejected in one forward
 
 
 def build_pairs(cfg: RewardConfig, tok, info):
@@ -99,16 +90,9 @@ def evaluate(model, head, pairs, cfg: RewardConfig, pad_id, device) -> dict:
 
 def train(cfg: RewardConfig) -> dict:
     # 1. Set-up: process group, output folder and resume point, resolved config.
-    device = cfg.run.resolved_device()
-    info = init_distributed(device)
-    device = info.device
-    grad_accum = resolve_grad_accum(cfg.run, info.world_size)
+    ctx = start_run(cfg)
+    info, device, out_dir, resume, tok, log, grad_accum = ctx
     seed_everything(cfg.run.seed)
-    if cfg.model.path != "demo":
-        model_path(cfg.model.path)
-    out_dir, resume = prepare_output(cfg, cfg.run, info)
-    tok = load_tokenizer(model_path(cfg.model.path))
-    log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
 
     # 2. Data: tokenized pairs, each rank its own share (bad data stops here, before the model loads).
     train_pairs, eval_pairs, pair_stats = build_pairs(cfg, tok, info)
@@ -121,9 +105,9 @@ def train(cfg: RewardConfig) -> dict:
 
     # 3. Model: frozen base, LoRA adapter "reward", scalar head; checkpointing, DDP/FSDP.
     base = build_base(cfg.model, device)
-    cfg.data.seq_length = cfg.reward.max_length  # what the memory plan reads
-    check_fits(base.config, cfg, device, info, report=print if info.is_main else None)
-    apply_lora(base, cfg.lora.lora_config(), "reward")
+    check_memory(base, cfg.model, cfg.lora, cfg.optim, cfg.run, device, info, batch=2 * cfg.run.batch_size,
+                 seq=cfg.reward.max_length)  # chosen and rejected in one forward
+    apply_lora(base, cfg.lora, "reward")
     head = RewardHead(base.config.hidden_size, device=device)
     if resume is not None:
         head.load(restore_adapter(base, resume, "reward"))
@@ -194,15 +178,8 @@ def train(cfg: RewardConfig) -> dict:
     # 6. Final evaluation and the reward adapter + head.
     summary["after"] = evaluate(model, head, eval_pairs, cfg, tok.pad_id, device)
     summary.update(final_step=step, train_seconds=round(time.perf_counter() - t_start, 1), last_checkpoint=str(last_ckpt))
-    sd = gathered_adapter(model, "reward")
-    if info.is_main:
-        save_adapter(unwrap(model), out_dir / "adapter", "reward", state_dict=sd, extra_tensors=head.tensors(),
-                     base_model_name_or_path=cfg.model.path, task_type="SEQ_CLS", modules_to_save=["score"])
-        log.log(step, **summary["after"])
-        write_summary(out_dir, summary)
-        print(json.dumps(summary, indent=2))
-    log.close()
-    cleanup(model)
+    finish_run(model, ctx, summary, adapter="reward", base_name=cfg.model.path, step=step, final_metrics=summary["after"],
+               extra_tensors=head.tensors(), task_type="SEQ_CLS")
     return summary
 
 

@@ -59,3 +59,30 @@ def hh_rows():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory):
+    """A tiny model over a 40-token vocabulary, with its own tokenizer (no chat template), and a
+    prompt file: the RL recipes' toy task (tests/helpers.py has its reward functions)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("toy") / "m"
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["add two numbers please", "the cat sat on a mat"] * 20, trainer)
+    folder.mkdir(parents=True)
+    tk.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=128, eos_token_id=2, pad_token_id=1,
+                                 initializer_range=0.3)).save_pretrained(folder)  # peaked logits LoRA can move
+    prompts = folder.parent / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["add two", "the cat", "numbers please", "sat on"] * 8))
+    return folder, prompts

@@ -17,7 +17,7 @@ from minitune.checkpoint import iter_safetensors
 from minitune.data import ConstantLengthDataset, load_rows, make_formatter
 from minitune.train.config import parse_cli
 from minitune.train.metrics import read_metrics
-from minitune.train.utils import StopRequested, StopSignal
+from minitune.train.control import StopRequested, StopSignal
 from helpers import load_recipe, tiny_with_real_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,5 @@
 """Packing, masks, sharding, exact resume, real files, preference pairs, prompts, synthetic task."""
+import json
 import random
 
 import pytest
@@ -253,3 +254,26 @@ def test_synthetic_task_is_deterministic_disjoint_and_scored():
         assert is_correct(ex["answer"] + ".", ex["answer"]) and is_correct(" " + ex["answer"] + "\nmore", ex["answer"])
         assert not is_correct(wrong_answer(ex, rng), ex["answer"])
     assert correctness_reward(["1571", "no"], ["1571", "3"]) == [1.0, 0.0]
+
+
+def test_held_out_rows_come_from_eval_source_when_given(tmp_path, demo_tok):
+    from minitune.data.loading import source_and_split, train_and_eval_rows
+    from minitune.data.preference import load_preference_pairs
+    from minitune.train.sections import DataSection
+
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n"
+                             for i in range(20)))
+    test.write_text("".join(json.dumps({"prompt": f"t{i}", "chosen": f"yes {i}", "rejected": f"no {i}"}) + "\n"
+                            for i in range(5)))
+    cols = ["chosen", "rejected"]
+    rows, held = train_and_eval_rows(str(train), cols, eval_source=str(test), holdout=4)
+    assert len(rows) == 20 and list(held["prompt"]) == [f"t{i}" for i in range(5)]
+    rows, held = train_and_eval_rows(str(train), cols, holdout=4)  # carved out of the source instead
+    assert (len(rows), len(held)) == (16, 4) and not set(held["prompt"]) & set(rows["prompt"])
+    assert source_and_split("Anthropic/hh-rlhf:test") == ("Anthropic/hh-rlhf", "test")
+    assert source_and_split(str(test)) == (str(test), "train") and source_and_split("org/name") == ("org/name", "train")
+    pairs, evals, stats = load_preference_pairs(DataSection(source=str(train), eval_source=str(test)), demo_tok, 0)
+    assert len(pairs) == 20 and [p.prompt for p in evals] == [f"t{i}" for i in range(5)]
+    with pytest.raises(MinituneError, match="does not exist"):
+        train_and_eval_rows(str(train), cols, eval_source=str(tmp_path / "missing.jsonl"))

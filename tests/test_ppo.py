@@ -1,5 +1,4 @@
 """PPO pieces against straightforward float64 loop references, and the recipe on a toy reward."""
-import json
 import math
 from pathlib import Path
 
@@ -122,32 +121,6 @@ def test_adaptive_kl_controller():
     assert c2.value == pytest.approx(0.2 * (1 - 0.2 * 100 / 10000))
 
 
-@pytest.fixture(scope="module")
-def toy_folder(tmp_path_factory):
-    """A tiny model over a 40-token vocabulary, with its own tokenizer (no chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("toy") / "m"
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(["add two numbers please", "the cat sat on a mat"] * 20, trainer)
-    folder.mkdir(parents=True)
-    tk.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 max_position_embeddings=128, eos_token_id=2, pad_token_id=1,
-                                 initializer_range=0.3)).save_pretrained(folder)  # peaked logits LoRA can move
-    prompts = folder.parent / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["add two", "the cat", "numbers please", "sat on"] * 8))
-    return folder, prompts
-
-
 # Last-5 minus first-5 mean toy score, averaged over seeds 0-2, measured on this project's CPU at
 # lr 3e-3 and 45 steps: trl +0.060 (+0.060, +0.061, +0.060), rloo +0.049 (+0.053, +0.047, +0.048);
 # lr=0 controls -0.013 to +0.002. One seed moved +0.040 at 30 steps on one CPU and +0.05 on another,
@@ -213,8 +186,10 @@ def test_without_a_value_function_the_head_is_untouched_and_advantages_are_retur
     folder, prompts = toy_folder
     ppo = load_recipe("ppo")
     seen = []
-    real_gae = ppo.gae
-    monkeypatch.setattr(ppo, "gae", lambda r, v, m, g, lam: seen.append((r, v, m, lam)) or real_gae(r, v, m, g, lam))
+    import minitune.ppo as ppo_lib
+
+    real_gae = ppo_lib.gae
+    monkeypatch.setattr(ppo_lib, "gae", lambda r, v, m, g, lam: seen.append((r, v, m, lam)) or real_gae(r, v, m, g, lam))
     args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=2", "run.save_every=2", "ppo.rollout_batch=8", "ppo.mini_batch=4", "ppo.samples_per_prompt=4",
             "ppo.group_baseline=true", "ppo.use_value=false", "ppo.lam=0.5", "gen.min_new_tokens=4",

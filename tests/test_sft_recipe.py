@@ -168,11 +168,36 @@ def test_bad_config_errors_before_compute(tiny, tmp_path):
 
 def test_shipped_configs_load():
     classes = {"sft": sft.SFTConfig, "reward": load_recipe("reward_model").RewardConfig, "ppo": load_recipe("ppo").PPOConfig,
-               "dpo": load_recipe("dpo").DPOConfig}
+               "dpo": load_recipe("dpo").DPOConfig, "grpo": load_recipe("grpo").GRPOConfig}
     paths = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
     assert len(paths) >= 8
     for path in paths:
         load_config(classes[path.name.split("_")[0]], path)
+
+
+def test_sections_are_the_library_configs_and_the_saved_config_is_what_ran(tiny, tmp_path):
+    from minitune.lora import ALL_LINEAR, LoRAConfig
+    from minitune.quant import QuantConfig, QuantType
+
+    cfg = parse_cli(sft.SFTConfig, [])
+    assert type(cfg.lora) is LoRAConfig and cfg.lora.target_modules == ALL_LINEAR and cfg.model.quant is None
+    # `model.quant=nf4` is QuantConfig's defaults with that type; a mapping sets any of its fields
+    short = parse_cli(sft.SFTConfig, ["model.quant=nf4"]).model.quant
+    assert short == QuantConfig(quant_type=QuantType.NF4)
+    full = parse_cli(sft.SFTConfig, ["model.quant.quant_type=fp4", "model.quant.blocksize=128",
+                                     "model.quant.int8_threshold=5.0"]).model.quant
+    assert (full.quant_type, full.blocksize, full.int8_threshold) == (QuantType.FP4, 128, 5.0)
+    assert parse_cli(sft.SFTConfig, ["model.quant=nf4", "model.quant=none"]).model.quant is None
+    with pytest.raises(MinituneError, match="model.quant.quant_type: 'nf5' is not one of"):
+        parse_cli(sft.SFTConfig, ["model.quant=nf5"])
+    with pytest.raises(MinituneError, match="quant.blocksize must be a power of two"):
+        parse_cli(sft.SFTConfig, ["model.quant.blocksize=100"])
+    with pytest.raises(MinituneError, match="lora.r must be a positive integer"):
+        parse_cli(sft.SFTConfig, ["lora.r=0"])
+    # on CPU a bf16 4-bit compute dtype is settled to fp32 before config.yaml is written
+    run(base_args(tiny, tmp_path / "q", **{"model.quant": "nf4", "run.max_steps": 1, "eval.accuracy": "false"}))
+    saved = load_config(sft.SFTConfig, tmp_path / "q" / "config.yaml")
+    assert saved.model.quant == QuantConfig(quant_type=QuantType.NF4, compute_dtype="float32")
 
 
 def _torchrun(args, nproc=2):

@@ -149,3 +149,27 @@ def split_rows(rows, holdout: int | float, seed: int = 0):
     held, train = sorted(idx[:k]), sorted(idx[k:])
     pick = (lambda ids: rows.select(ids)) if hasattr(rows, "select") else (lambda ids: [rows[i] for i in ids])
     return pick(train), pick(held)
+
+
+def source_and_split(source: str, default_split: str = "train") -> tuple[str, str]:
+    """"org/name:test" -> ("org/name", "test"); a local path or a name without ":" keeps the default."""
+    if Path(source).expanduser().exists() or ":" not in str(source):
+        return str(source), default_split
+    name, _, split = str(source).rpartition(":")
+    return name, split
+
+
+def train_and_eval_rows(source: str, columns: list[str], *, eval_source: str = "", holdout: float = 0.05,
+                        max_rows: int = 0, seed: int = 0):
+    """(train rows, held-out rows): the held-out rows come from `eval_source` (a file, folder, or
+    hub id with an optional ":split", e.g. "Anthropic/hh-rlhf:test") when given, since most real
+    datasets ship their own test split; otherwise `holdout` (a fraction below 1 or a count) is
+    carved out of `source` with a fixed seed. `max_rows` caps the training rows."""
+    rows = load_rows(source, columns=columns)
+    if max_rows:
+        rows = rows.select(range(min(max_rows, len(rows))))
+    if eval_source:
+        name, split = source_and_split(eval_source, "test")
+        return rows, load_rows(name, split=split, columns=columns)
+    return split_rows(rows, holdout if holdout < 1 else int(holdout), seed=seed)
+

@@ -187,18 +187,18 @@ def synthetic_preference_pairs(n_train: int, n_eval: int, tok: Tokenizer, seed: 
 def load_preference_pairs(data, tok: Tokenizer, seed: int) -> tuple[list[PreferencePair], list[PreferencePair], PairStats]:
     """(train pairs, held-out pairs, stats) for a recipe's `data` section: the synthetic task, or rows
     with chosen/rejected (and optionally prompt) columns from a file, folder or hub dataset, split
-    by `data.holdout`. Rows with a missing or identical side are skipped and counted."""
-    from minitune.data.loading import load_rows, split_rows
+    by `data.holdout` or held out in `data.eval_source`. Rows with a missing or identical side are
+    skipped and counted."""
+    from minitune.data.loading import train_and_eval_rows
 
     stats = PairStats()
     if data.source == "synthetic":
         train, evals = synthetic_preference_pairs(data.synthetic_train, data.synthetic_eval, tok, seed)
         stats.kept = len(train) + len(evals)
         return train, evals, stats
-    rows = load_rows(data.source, columns=[data.chosen_column, data.rejected_column])
-    if data.max_rows:
-        rows = rows.select(range(min(data.max_rows, len(rows))))
-    train_rows, eval_rows = split_rows(rows, data.holdout if data.holdout < 1 else int(data.holdout), seed=seed)
-    kw = dict(prompt_col=data.prompt_column if data.prompt_column in rows.column_names else None,
+    train_rows, eval_rows = train_and_eval_rows(data.source, [data.chosen_column, data.rejected_column],
+                                                eval_source=data.eval_source, holdout=data.holdout,
+                                                max_rows=data.max_rows, seed=seed)
+    kw = dict(prompt_col=data.prompt_column if data.prompt_column in train_rows.column_names else None,
               chosen_col=data.chosen_column, rejected_col=data.rejected_column, hh_format=data.hh_format, stats=stats)
     return parse_pairs(train_rows, **kw), parse_pairs(eval_rows, **kw), stats

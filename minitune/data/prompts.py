@@ -1,4 +1,4 @@
-"""Prompts for PPO: rendered with a template, tokenized, truncated with a count, left-padded."""
+"""Prompts for the RL recipes: rendered with a template, tokenized, truncated with a count, left-padded."""
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -38,3 +38,4 @@ def encode_prompts(texts: Sequence[str], tok: Tokenizer, *, max_length: int, cha
 def collate_prompts(ids: Sequence[list[int]], texts, references, pad_id: int) -> PromptBatch:
     input_ids, mask = left_pad(ids, pad_id)
     return PromptBatch(input_ids, mask, list(texts), list(references))
+

@@ -1,9 +1,7 @@
-"""The few lines every recipe ends with: run from the command line, decide when to save, finish."""
+"""Running a recipe from the command line, and the loop's save/stop decisions."""
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 from typing import Callable
 
 from minitune.errors import MinituneError
@@ -28,7 +26,3 @@ def should_save(run: RunSection, step: int, total_steps: int, stopping: bool) ->
 def report_stop(signal_name: str, step: int, checkpoint, is_main: bool) -> None:
     if is_main:
         print(f"\nstopped by {signal_name} at step {step}; checkpoint saved to {checkpoint}")
-
-
-def write_summary(out_dir: Path, summary: dict) -> None:
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -26,6 +26,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if value == "none" and type(None) in args and any(dataclasses.is_dataclass(a) for a in args):
+            return None  # `model.quant=none`: an optional section switched off
         errors = []
         for a in args:
             if a is type(None):
@@ -44,6 +46,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         items = [_coerce(v, inner, key) for v in value]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp):
+        shorthand = getattr(tp, "SHORTHAND", None)  # `model.quant=nf4` means {quant_type: nf4}, other fields default
+        if shorthand and isinstance(value, str):
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise MinituneError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")

@@ -1,22 +1,16 @@
 """Config sections shared by the recipes. Each recipe's config is a dataclass made of these."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
 import torch
 
 from minitune.data.formats import Template
+from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError, require
-from minitune.lora import LoRAConfig, LoRAInit
-from minitune.quant import QuantConfig, QuantType, as_dtype
-
-
-class QuantMode(str, Enum):
-    NONE = "none"
-    NF4 = "nf4"
-    FP4 = "fp4"
-    INT8 = "int8"
+from minitune.quant import QuantConfig
 
 
 class Parallel(str, Enum):
@@ -40,45 +34,28 @@ class Optimizer(str, Enum):
 
 @dataclass
 class ModelSection:
-    """path: HF folder, .gguf file, hub id, or "demo" (the project's SmolLM2-135M-Instruct)."""
+    """path: HF folder, .gguf file, hub id, or "demo" (the project's SmolLM2-135M-Instruct).
+    quant: the library's QuantConfig, or none: `quant: nf4` (its defaults), or a mapping
+    {quant_type, double_quant, compute_dtype, quant_storage, blocksize, int8_threshold, skip}."""
 
     path: str = "demo"
     dtype: str = "float32"  # weights and compute dtype of the non-quantized parts
-    quant: QuantMode = QuantMode.NONE
-    double_quant: bool = True
-    compute_dtype: str = "bfloat16"  # 4-bit matmul dtype
-    quant_storage: str = "uint8"  # "bfloat16" to shard a 4-bit base with FSDP
+    quant: QuantConfig | None = None
     gradient_checkpointing: bool = False
     autocast: bool = False  # bf16 autocast on GPU; fp32 master weights
-
-    def quant_config(self) -> QuantConfig | None:
-        if self.quant == QuantMode.NONE:
-            return None
-        compute = self.compute_dtype if torch.cuda.is_available() or self.compute_dtype != "bfloat16" else "float32"
-        return QuantConfig(quant_type=QuantType(self.quant.value), double_quant=self.double_quant,
-                           compute_dtype=compute, quant_storage=self.quant_storage)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return as_dtype(self.dtype)
 
-
-@dataclass
-class LoRASection:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("all-linear",)
-    rslora: bool = False
-    init: LoRAInit = LoRAInit.KAIMING
-
-    def __post_init__(self):
-        self.lora_config()  # LoRAConfig checks r, alpha and dropout: fail at config time, not at apply_lora
-
-    def lora_config(self) -> LoRAConfig:
-        targets = "all-linear" if tuple(self.target_modules) == ("all-linear",) else tuple(self.target_modules)
-        return LoRAConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=targets,
-                          rslora=self.rslora, init=self.init)
+    def resolve(self, device: torch.device) -> list[str]:
+        """Settles what depends on the device, before the config is printed and saved (the saved
+        config is what ran). Returns notes on what changed."""
+        notes = []
+        if self.quant is not None and self.quant.compute_dtype == "bfloat16" and device.type == "cpu":
+            self.quant = dataclasses.replace(self.quant, compute_dtype="float32")
+            notes.append("model.quant.compute_dtype bfloat16 -> float32 on CPU (bf16 matmuls there are slow and inexact)")
+        return notes
 
 
 @dataclass
@@ -160,7 +137,8 @@ class DataSection:
     hh_format: bool = False
     seq_length: int = 256
     completion_only: bool = True
-    holdout: float = 0.05  # fraction (< 1) or count of rows held out for eval
+    holdout: float = 0.05  # fraction (< 1) or count of rows held out for eval (when eval_source is empty)
+    eval_source: str = ""  # held-out rows from their own file, folder or hub id[:split] (SFT, reward, DPO)
     max_rows: int = 0  # 0: all
     shuffle_buffer: int = 16
     synthetic_train: int = 2000
@@ -173,6 +151,37 @@ class DataSection:
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("synthetic_train", "synthetic_eval"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+
+
+SFT_OUTPUT_DIR = "outputs/lora_sft"  # the SFT recipe's default output folder; RL recipes start from its adapter
+
+
+@dataclass
+class GenSection:
+    """Sampling of rollouts (PPO, GRPO)."""
+
+    min_new_tokens: int = 32  # response length drawn uniformly in [min, max] per rollout
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_prompt_length: int = 256
+
+    def __post_init__(self):
+        require(1 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
+                f"must be in [1, max_new_tokens={self.max_new_tokens}]")
+        require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0: greedy)")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0: off)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
+
+
+@dataclass
+class RewardSource:
+    """What scores a rollout: a Python function, or a reward adapter from recipes/reward_model.py."""
+
+    function: str = "minitune.data.synthetic:correctness_reward"  # module:function(responses, references)
+    adapter: str = ""  # a reward adapter folder (used instead of the function)
 
 
 def resolve_grad_accum(run: RunSection, world_size: int) -> int:

@@ -1,25 +1,34 @@
-"""Set-up steps shared by the SFT, reward and PPO recipes: plain functions, called in order."""
+"""Set-up steps shared by the recipes: plain functions, called in order."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from minitune.activations import apply_activation_checkpointing
-from minitune.adapters import PREFIX, adapter_state_dict, save_adapter
+from minitune.adapters import adapter_state_dict, load_adapter, save_adapter, split_adapter_tensors
 from minitune.checkpoint import iter_safetensors, load_model
-from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, full_tensor, unwrap
+from minitune.distributed import (DistInfo, apply_ddp, apply_fsdp, barrier, cleanup, full_tensor, init_distributed,
+                                  unwrap)
+from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError
-from minitune.lora import LoRALinear, lora_layers
+from minitune.lora import (LoRAConfig, apply_lora, disable_adapters, lora_layers, lora_parameters, set_adapter,
+                           use_adapter)
+from minitune.memory import MemoryPlan, check_fits
 from minitune.model import Transformer
-from minitune.quant import as_dtype, prepare_for_kbit_training
+from minitune.tokenizer import Tokenizer, load_tokenizer
+from minitune.quant import prepare_for_kbit_training
 from minitune.train.checkpointing import (CheckpointManager, load_optimizer_state, load_pt, local_optimizer_state,
                                           resolve_resume, resume_path, save_pt)
-from minitune.train.config import dump_config
-from minitune.train.sections import ModelSection, Parallel, RunSection
-from minitune.train.utils import rng_state, set_rng_state
+from minitune.train.config import dump_config, to_dict
+from minitune.train.metrics import MetricsLogger
+from minitune.train.sections import (SFT_OUTPUT_DIR, ModelSection, OptimSection, Optimizer, Parallel, RunSection,
+                                     resolve_grad_accum)
+from minitune.train.rng import rng_state, set_rng_state
 
 
 def model_path(path: str) -> Path:
@@ -34,9 +43,60 @@ def model_path(path: str) -> Path:
     return p
 
 
+class RunContext(NamedTuple):
+    """What every recipe holds after `start_run`: the process (rank, world, device), the output
+    folder and the checkpoint to resume from, the tokenizer, the metrics logger, and the gradient
+    accumulation steps that make up run.global_batch."""
+
+    info: DistInfo
+    device: torch.device
+    out_dir: Path
+    resume: Path | None
+    tok: Tokenizer
+    log: MetricsLogger
+    grad_accum: int
+
+
+def start_run(cfg) -> RunContext:
+    """The set-up every recipe begins with, in order: process group on the configured device; the
+    batch arithmetic and the model path checked before anything is written; output folder, resume
+    point and the resolved config (printed and saved); tokenizer; metrics logger."""
+    info = init_distributed(cfg.run.resolved_device())
+    grad_accum = resolve_grad_accum(cfg.run, info.world_size)
+    if cfg.model.path != "demo":
+        model_path(cfg.model.path)  # a missing path fails here, before anything is written
+    out_dir, resume = prepare_output(cfg, cfg.run, info)
+    tok = load_tokenizer(model_path(cfg.model.path))
+    log = MetricsLogger(out_dir, cfg.wandb, to_dict(cfg), enabled=info.is_main)
+    return RunContext(info, info.device, out_dir, resume, tok, log, grad_accum)
+
+
+def finish_run(model: nn.Module, ctx: RunContext, summary: dict, *, adapter: str | None, base_name: str, step: int = 0,
+               final_metrics: dict | None = None, extra_tensors: dict | None = None, task_type: str = "CAUSAL_LM",
+               print_summary: bool = True) -> None:
+    """The end of every recipe: the trained adapter (gathered from every rank) saved as a PEFT
+    folder <output_dir>/adapter, the final metrics logged, summary.json written (and printed),
+    the logger closed, the process group torn down."""
+    sd = gathered_adapter(model, adapter) if adapter else None
+    if ctx.info.is_main:
+        if adapter:
+            save_adapter(unwrap(model), ctx.out_dir / "adapter", adapter, state_dict=sd, extra_tensors=extra_tensors,
+                         base_model_name_or_path=base_name, task_type=task_type,
+                         modules_to_save=sorted({k.split(".")[0] for k in extra_tensors}) if extra_tensors else None)
+        if final_metrics:
+            ctx.log.log(step, **final_metrics)
+        (ctx.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if print_summary:
+            print(json.dumps(summary, indent=2))
+    ctx.log.close()
+    cleanup(model)
+
+
 def prepare_output(cfg, run: RunSection, info: DistInfo) -> tuple[Path, Path | None]:
     """Creates the output folder, finds the checkpoint to resume from (refusing a folder with another
-    run's checkpoints), prints and saves the resolved config. Returns (out_dir, resume_path)."""
+    run's checkpoints), settles the device-dependent settings, prints and saves the resolved config
+    (so config.yaml is what runs). Returns (out_dir, resume_path)."""
+    notes = cfg.model.resolve(info.device) if hasattr(cfg, "model") else []
     out = Path(run.output_dir)
     resume = resolve_resume(out, run.resume, run.overwrite) if info.is_main else None
     barrier()
@@ -46,6 +106,8 @@ def prepare_output(cfg, run: RunSection, info: DistInfo) -> tuple[Path, Path | N
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         print(describe_run(cfg, resume), flush=True)
+        for note in notes:
+            print(f"note: {note}")
     return out, resume
 
 
@@ -55,18 +117,23 @@ def describe_run(cfg, resume: Path | None = None) -> str:
     m, lora, d, r, o = (getattr(cfg, k, None) for k in ("model", "lora", "data", "run", "optim"))
     lines = []
     if m is not None:
-        extras = [m.dtype] + ([f"{m.quant.value} base"] if m.quant_config() is not None else [])
+        extras = [m.dtype] + ([f"{m.quant.quant_type.value} base (compute {m.quant.compute_dtype})"] if m.quant else [])
         extras += ["gradient checkpointing"] if m.gradient_checkpointing else []
         lines.append(f"model   {m.path} ({', '.join(extras)})")
     if lora is not None:
-        lines.append(f"lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {', '.join(lora.target_modules)}")
+        targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+        lines.append(f"lora    r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {targets}")
     if d is not None:
-        lines.append(f"data    {d.source}, sequences of {d.seq_length} tokens")
+        lines.append(f"data    {d.source}" + ("" if hasattr(cfg, "gen") else f", sequences of {d.seq_length} tokens"))
+    rl = getattr(cfg, "grpo", None) or getattr(cfg, "ppo", None)  # RL recipes batch by rollouts, not run.batch_size
+    if rl is not None:
+        group = getattr(rl, "group_size", None) or getattr(rl, "samples_per_prompt", 1)
+        lines.append(f"rollout {rl.rollout_batch} answers a step per rank ({rl.rollout_batch // group} prompts x {group})")
     if r is not None:
         steps = f"{r.max_steps} steps" if r.max_steps else f"{r.epochs:g} epoch(s)"
         lr = f", lr {o.lr:g}" if o is not None else ""
-        lines.append(f"run     {steps}, batch {r.batch_size} x {r.grad_accum} accumulation per rank{lr}, seed {r.seed}"
-                     + (f", resuming from {resume}" if resume else ""))
+        batch = "" if rl is not None else f", batch {r.batch_size} x {r.grad_accum} accumulation per rank"
+        lines.append(f"run     {steps}{batch}{lr}, seed {r.seed}" + (f", resuming from {resume}" if resume else ""))
         lines.append(f"output  {r.output_dir} (full config: config.yaml, metrics: metrics.jsonl)")
     return "\n".join(lines)
 
@@ -74,12 +141,61 @@ def describe_run(cfg, resume: Path | None = None) -> str:
 def build_base(m: ModelSection, device: torch.device) -> Transformer:
     """Loads the base (quantizing while reading when configured) and freezes it."""
     path = model_path(m.path)
-    model = load_model(path, dtype=m.torch_dtype, device=device, quant=m.quant_config())
-    if m.quant_config() is not None:
+    model = load_model(path, dtype=m.torch_dtype, device=device, quant=m.quant)
+    if m.quant is not None:
         prepare_for_kbit_training(model, norm_dtype=m.torch_dtype)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def check_memory(base: Transformer, model: ModelSection, lora: LoRAConfig | None, optim: OptimSection, run: RunSection,
+                 device: torch.device, info: DistInfo, *, batch: int, seq: int, ce_chunk: int = 0) -> dict[str, int]:
+    """Predicts the step's peak memory from the typed config (batch = sequences per forward), prints
+    it on rank 0, and refuses a run that will not fit unless run.memory_check is false."""
+    eight_bit = optim.name in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
+    plan = MemoryPlan(batch=batch, seq=seq, quant=model.quant, lora=lora, dtype=model.torch_dtype,
+                      optimizer_state_bytes=2 if eight_bit else 8, gradient_checkpointing=model.gradient_checkpointing,
+                      ce_chunk=ce_chunk, device=device.type)
+    return check_fits(base.config, plan, enforce=run.memory_check, report=print if info.is_main else None)
+
+
+def resolve_init_adapter(init_adapter: str, base_path: str) -> Path | None:
+    """The adapter a DPO/PPO/GRPO run starts from, checked before any model is loaded: "auto" is
+    the SFT recipe's default output (<SFT_OUTPUT_DIR>/adapter) when it exists, "" none, else a
+    PEFT adapter folder trained on `base_path`."""
+    if init_adapter == "auto":
+        default = Path(SFT_OUTPUT_DIR) / "adapter"
+        return default if (default / "adapter_config.json").exists() else None
+    if not init_adapter:
+        return None
+    path = Path(init_adapter)
+    config = path / "adapter_config.json"
+    if not config.exists():
+        raise MinituneError(f"init_adapter={init_adapter}: no adapter_config.json there (not a PEFT adapter folder)")
+    base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+    if base and base != base_path:
+        raise MinituneError(f"init_adapter {path} was trained on base {base!r}, but model.path is {base_path!r}; "
+                            f"set model.path={base} or start from an adapter of this base")
+    return path
+
+
+def attach_policy(base: Transformer, init: Path | None, lora: LoRAConfig) -> Callable:
+    """Adds the trainable adapter "policy" to the frozen base and returns the reference: a function
+    giving a context in which the model is the reference. From `init`: policy = a trainable copy
+    of that adapter, reference = the same adapter frozen as "reference"; without: a fresh policy
+    adapter, reference = the bare base. Either way one copy of the base weights."""
+    if init is not None:
+        load_adapter(base, init, "reference", trainable=False)
+        load_adapter(base, init, "policy", trainable=True)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        for p in lora_parameters(base, "policy"):
+            p.requires_grad_(True)
+    else:
+        apply_lora(base, lora, "policy")
+    set_adapter(base, "policy")
+    return (lambda: use_adapter(base, "reference")) if init is not None else (lambda: disable_adapters(base))
 
 
 def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: DistInfo) -> nn.Module:
@@ -89,10 +205,10 @@ def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: Dis
     if run.parallel == Parallel.DDP and info.world_size > 1:
         return apply_ddp(model, info)
     if run.parallel == Parallel.FSDP and info.world_size > 1:
-        storage = m.quant_storage if m.quant_config() is not None else None
+        storage = m.quant.quant_storage if m.quant is not None and m.quant.is_4bit else None
         if storage is not None and as_dtype(storage) != m.torch_dtype:
             raise MinituneError(
-                f"FSDP with a 4-bit base needs model.quant_storage ({storage}) equal to model.dtype ({m.dtype}), "
+                f"FSDP with a 4-bit base needs model.quant.quant_storage ({storage}) equal to model.dtype ({m.dtype}), "
                 "or FSDP casts and corrupts the packed weights"
             )
         return apply_fsdp(model, info)
@@ -109,13 +225,7 @@ def progress_bar(total: int, initial: int, info: DistInfo, run: RunSection, desc
 
 def gathered_adapter(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """PEFT-named adapter tensors, gathered from FSDP shards (every rank must call this)."""
-    sd = {}
-    for path, layer in lora_layers(unwrap(model)):  # DDP would prefix every name with "module."
-        if name in layer.adapters:
-            a = layer.adapters[name]
-            sd[f"{PREFIX}{path}.lora_A.weight"] = full_tensor(a.lora_A.detach()).cpu().contiguous()
-            sd[f"{PREFIX}{path}.lora_B.weight"] = full_tensor(a.lora_B.detach()).cpu().contiguous()
-    return sd
+    return adapter_state_dict(unwrap(model), name, materialize=full_tensor)  # DDP would prefix every name
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -161,17 +271,13 @@ def restore_adapter(model: nn.Module, ckpt: Path, adapter: str) -> dict[str, tor
     if bad:
         raise MinituneError(f"{ckpt} holds NaN/inf weights ({bad[0]}): resuming would give NaN at once; "
                             "resume from an earlier checkpoint (run.resume=<path>)")
+    lora, extra = split_adapter_tensors(tensors, ckpt)
     layers = dict(lora_layers(model))
-    extra = {}
     with torch.no_grad():
-        for key, t in tensors.items():
-            k = key.removeprefix(PREFIX)
-            if ".lora_A." in k or ".lora_B." in k:
-                path, _, rest = k.partition(".lora_")
-                layer: LoRALinear = layers[path]
-                getattr(layer.adapters[adapter], "lora_" + rest[0]).copy_(t)
-            else:
-                extra[k] = t
+        for path, ab in lora.items():
+            target = layers[path].adapters[adapter]
+            target.lora_A.copy_(ab["A"])
+            target.lora_B.copy_(ab["B"])
     return extra
 
 
@@ -186,5 +292,6 @@ def restore_state(ckpt: Path, optimizer, scheduler, info: DistInfo) -> tuple[int
     return int(common["step"]), mine["data"], common.get("extras", {})
 
 
-__all__ = ["adapter_state_dict", "build_base", "finish_model", "gathered_adapter", "model_path", "prepare_output",
-           "progress_bar", "restore_adapter", "restore_state", "save_state"]
+__all__ = ["RunContext", "attach_policy", "build_base", "check_memory", "finish_model", "finish_run", "gathered_adapter",
+           "model_path", "non_finite", "prepare_output", "resolve_init_adapter", "restore_adapter", "restore_state",
+           "save_state", "start_run"]
