@@ -64,8 +64,10 @@ def save_adapter(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes adapter `name` in PEFT format (atomically). `extra_tensors` are saved under
-    `base_model.model.<key>`. `state_dict` may pass already-gathered tensors (sharded training).
-    Raises if the adapter would be empty or has an empty tensor (peft #286)."""
+    `base_model.model.<key>`; unless `modules_to_save` says otherwise, the modules they belong to
+    (`score` for "score.weight") are listed as PEFT's modules_to_save. `state_dict` may pass
+    already-gathered tensors (sharded training). Raises if the adapter would be empty or has an
+    empty tensor (peft #286)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     sd = dict(state_dict) if state_dict is not None else adapter_state_dict(model, name)
@@ -77,6 +79,8 @@ def save_adapter(
     empty = [k for k, v in sd.items() if v.numel() == 0]
     if empty:
         raise MinituneError(f"refusing to save empty adapter tensors: {empty[:4]}")
+    if modules_to_save is None and extra_tensors:
+        modules_to_save = sorted({k.split(".")[0] for k in extra_tensors})
     targets = sorted({path.rpartition(".")[2] for path, layer in lora_layers(model) if name in layer.adapters})
     config = {
         "peft_type": "LORA", "task_type": task_type, "r": cfg.r, "lora_alpha": cfg.alpha,

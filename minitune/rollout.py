@@ -115,7 +115,7 @@ def score_rollout(ro: Rollout, model, *, reward_head: RewardHead | None = None, 
     return score_with_function(reward_fn, name, ro.responses, ro.references, device)
 
 
-def response_logprobs(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
+def sampled_logprobs(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
                       temperature: float) -> torch.Tensor:
     """[B, R] log-probs of the response tokens seq[:, P:] under softmax(logits / temperature), the
     distribution they were sampled from; logits only over the response (none over the prompt)."""

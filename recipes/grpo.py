@@ -26,7 +26,7 @@ from minitune.evaluation import exact_match_report, format_report
 from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
-from minitune.rollout import (Rollout, load_prompts, resolve_reward_fn, response_logprobs, sample_rollout,
+from minitune.rollout import (Rollout, load_prompts, resolve_reward_fn, sample_rollout, sampled_logprobs,
                               score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
@@ -111,7 +111,7 @@ def update(model, ro: Rollout, advantages: torch.Tensor, rows: list[int], row_we
             for s in range(0, len(chunk), g.micro_batch):
                 mb = idx[s: s + g.micro_batch]
                 R = max(int(ro.gen.lengths[mb].max()), 1)  # trim the padding every row of the micro-batch has
-                logp = response_logprobs(model, seq[mb, : P + R], mask[mb, : P + R], P, T)
+                logp = sampled_logprobs(model, seq[mb, : P + R], mask[mb, : P + R], P, T)
                 loss, st = grpo_loss(logp, old_logp[mb, :R] if old_logp is not None else logp.detach(), advantages[mb],
                                      rmask[mb, :R], clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta,
                                      ref_logp=ref_logp[mb, :R] if ref_logp is not None else None,
@@ -139,7 +139,7 @@ def logprobs_of(model, ro: Rollout, rows: list[int], cfg: GRPOConfig) -> torch.T
     P = ro.query.shape[1]
     for s in range(0, len(rows), cfg.grpo.micro_batch):
         mb = torch.tensor(rows[s: s + cfg.grpo.micro_batch], device=out.device)
-        out[mb] = response_logprobs(model, ro.gen.sequences[mb], ro.attention_mask[mb], P, cfg.gen.temperature)
+        out[mb] = sampled_logprobs(model, ro.gen.sequences[mb], ro.attention_mask[mb], P, cfg.gen.temperature)
     return out
 
 

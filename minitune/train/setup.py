@@ -20,8 +20,8 @@ from minitune.lora import (LoRAConfig, apply_lora, disable_adapters, lora_layers
                            use_adapter)
 from minitune.memory import MemoryPlan, check_fits
 from minitune.model import Transformer
-from minitune.tokenizer import Tokenizer, load_tokenizer
 from minitune.quant import prepare_for_kbit_training
+from minitune.tokenizer import Tokenizer, load_tokenizer
 from minitune.train.checkpointing import (CheckpointManager, load_optimizer_state, load_pt, local_optimizer_state,
                                           resolve_resume, resume_path, save_pt)
 from minitune.train.config import dump_config, to_dict
@@ -81,8 +81,7 @@ def finish_run(model: nn.Module, ctx: RunContext, summary: dict, *, adapter: str
     if ctx.info.is_main:
         if adapter:
             save_adapter(unwrap(model), ctx.out_dir / "adapter", adapter, state_dict=sd, extra_tensors=extra_tensors,
-                         base_model_name_or_path=base_name, task_type=task_type,
-                         modules_to_save=sorted({k.split(".")[0] for k in extra_tensors}) if extra_tensors else None)
+                         base_model_name_or_path=base_name, task_type=task_type)
         if final_metrics:
             ctx.log.log(step, **final_metrics)
         (ctx.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -253,8 +252,7 @@ def save_state(
     def write(tmp: Path):
         if info.is_main:
             save_adapter(model, tmp / "adapter", adapter, state_dict=sd, extra_tensors=heads,
-                         base_model_name_or_path=base_name, task_type=task_type,
-                         modules_to_save=sorted({k.split(".")[0] for k in heads}) or None)
+                         base_model_name_or_path=base_name, task_type=task_type)
             save_pt({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                      "extras": extras or {}}, tmp / "common.pt")
         save_pt({"optimizer": local_optimizer_state(optimizer), "data": data_state, "rng": rng_state()},
