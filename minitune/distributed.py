@@ -80,14 +80,16 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> nn.Module:
-    """FSDP2: `fully_shard` each decoder block, then the root. For a 4-bit base, the packed weights
+    """FSDP2: `fully_shard` each decoder block, then the root (the model, or a `WithHead` around it). For a 4-bit base, the packed weights
     must be stored in the dtype FSDP uses (`quant_storage`), or FSDP's casts corrupt the bytes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from minitune.heads import base_model
+
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype) if param_dtype is not None else MixedPrecisionPolicy()
-    for layer in model.model.layers:
+    for layer in base_model(model).model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

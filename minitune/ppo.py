@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitune.distributed import all_reduce_sum
 from minitune.errors import MinituneError
 from minitune.generate import positions_from_mask
 
@@ -248,29 +247,30 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - masked_var(returns - values, mask, unbiased=False) / var_r) if var_r > 0 else float("nan")
 
 
-def policy_forward(model, head: ValueHead, seq, mask, P: int, temperature: float, *, with_entropy=False,
-                   detach_values=False):
-    """Log-probs [B, R], values [B, R] (and entropy) of the response part of `seq` [B, P+R]."""
-    out = model(seq, positions_from_mask(mask), mask, logits_from=P - 1)  # no logits over the prompt
+def policy_forward(model, seq, mask, P: int, temperature: float, *, with_entropy=False, detach_values=False):
+    """Log-probs [B, R], values [B, R] (and entropy) of the response part of `seq` [B, P+R]. `model`
+    is a `WithHead(policy, value_head)`, possibly inside DDP/FSDP, so the value head is synchronized
+    with the adapter."""
+    pick = (lambda h: h[:, P - 1: -1].detach()) if detach_values else (lambda h: h[:, P - 1: -1])
+    out, values = model(seq, positions_from_mask(mask), mask, logits_from=P - 1, head_on=pick)  # no prompt logits
     logits = out.logits[:, :-1]  # position t predicts token t+1: positions P-1 .. P+R-2
     logp = logprobs_from_logits(logits, seq[:, P:], temperature)
-    hidden = out.hidden[:, P - 1: -1]
-    values = head(hidden.detach() if detach_values else hidden)
     ent = entropy_from_logits(logits, temperature) if with_entropy else None
     return logp, values, ent, logits
 
 
-def trajectory(policy, value_head: ValueHead, reference, sequences: torch.Tensor, attention_mask: torch.Tensor,
+def trajectory(policy, reference, sequences: torch.Tensor, attention_mask: torch.Tensor,
                response_mask: torch.Tensor, scores: torch.Tensor, s: PPOSettings, *, temperature: float,
                kl_coef: float) -> tuple[Trajectory, torch.Tensor]:
     """(Trajectory, non-score rewards [B, R]) of scored responses, without grad: policy and reference
     log-probs and values (3), per-token rewards -kl_coef * kl_t with the score on the last generated
     token (4), GAE advantages and returns, without a value function the return itself, whitened (5).
-    `reference()` gives a context in which `policy` is the reference."""
+    `policy` is a `WithHead(model, value head)`; `reference()` gives a context in which it is the
+    reference."""
     P, T = sequences.shape[1] - response_mask.shape[1], temperature
     rmask = response_mask.float()
     with torch.no_grad():
-        logp, values, _, logits = policy_forward(policy, value_head, sequences, attention_mask, P, T)
+        logp, values, _, logits = policy_forward(policy, sequences, attention_mask, P, T)
         with reference():
             ref_logits = policy(sequences, positions_from_mask(attention_mask), attention_mask,
                                 logits_from=P - 1).logits[:, :-1]
@@ -285,21 +285,20 @@ def trajectory(policy, value_head: ValueHead, reference, sequences: torch.Tensor
     return Trajectory(sequences, attention_mask, rmask, logp, ref_logp, values, kl, scores, adv, returns), non_score
 
 
-def ppo_update(model, value_head: ValueHead, traj: Trajectory, opt, c: PPOSettings, *, temperature: float,
-               grad_clip: float, rng: random.Random, world_size: int = 1, check=None) -> tuple[list[PPOStats], int]:
+def ppo_update(model, traj: Trajectory, opt, c: PPOSettings, *, temperature: float, grad_clip: float,
+               rng: random.Random, check=None) -> tuple[list[PPOStats], int]:
     """ppo_epochs passes over shuffled minibatches of the trajectory, one optimizer step each; a
     minibatch whose mean ratio exceeds ratio_threshold is skipped. `check(loss=, gradient_norm=)` runs
     before each optimizer step (the recipes stop on a non-finite value). Returns (stats, skipped)."""
     model.train()
-    value_head.train()
     stats, skipped = [], 0
     B, P = traj.sequences.shape[0], traj.prompt_length
-    params = [p for p in list(model.parameters()) + list(value_head.parameters()) if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(c.ppo_epochs):
         order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         for s in range(0, B, c.mini_batch):
             mb = traj.select(order[s: s + c.mini_batch].to(traj.sequences.device))
-            logp, values, ent, _ = policy_forward(model, value_head, mb.sequences, mb.attention_mask, P, temperature,
+            logp, values, ent, _ = policy_forward(model, mb.sequences, mb.attention_mask, P, temperature,
                                                   with_entropy=True, detach_values=c.value_detach)
             pg_loss, vf_loss, st = ppo_losses(logp, mb.logprobs, values, mb.values, mb.advantages, mb.returns,
                                               mb.response_mask, cliprange=c.cliprange,
@@ -310,9 +309,6 @@ def ppo_update(model, value_head: ValueHead, traj: Trajectory, opt, c: PPOSettin
                 continue
             loss = pg_loss + c.vf_coef * vf_loss if c.use_value else pg_loss
             loss.backward()
-            if world_size > 1:  # the value head is outside DDP
-                for p in value_head.parameters():
-                    all_reduce_sum(p.grad).div_(world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
             if check is not None:
                 check(loss=loss.item(), gradient_norm=float(grad_norm))

@@ -51,12 +51,20 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
 
 
-def sequence_rewards(model, head: RewardHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[N] scalar rewards of padded sequences [N, S]."""
-    out = model(input_ids, positions_from_mask(attention_mask), attention_mask, return_logits=False)
-    last = last_token_index(attention_mask)
-    pooled = out.hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
-    return head(pooled)
+def last_token_states(attention_mask: torch.Tensor):
+    """hidden [N, S, H] -> [N, H], each row's state at its last real token (the reward head's input)."""
+    rows, last = torch.arange(attention_mask.shape[0], device=attention_mask.device), last_token_index(attention_mask)
+    return lambda hidden: hidden[rows, last]
+
+
+def sequence_rewards(model, head: RewardHead | None, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[N] scalar rewards of padded sequences [N, S]. `head=None`: `model` is a `WithHead` holding
+    the head (the reward recipe trains it so, under DDP/FSDP); else the head is applied outside (a
+    frozen reward model sharing a policy's base)."""
+    pos, pick = positions_from_mask(attention_mask), last_token_states(attention_mask)
+    if head is None:
+        return model(input_ids, pos, attention_mask, return_logits=False, head_on=pick)[1]
+    return head(pick(model(input_ids, pos, attention_mask, return_logits=False).hidden))
 
 
 class PairMetrics(NamedTuple):

@@ -85,15 +85,14 @@ def scores_for(cfg, ro: Rollout, model, reward_head, reward_fn, moments: Running
     return s, raw
 
 
-def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, value_head: ValueHead, reference, reward_head, reward_fn,
+def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, reference, reward_head, reward_fn,
                     moments: RunningMoments, kl_coef: float, device) -> tuple[Trajectory, torch.Tensor, torch.Tensor]:
     """(trajectory, raw scores [B], non-score rewards [B, R]) of a rollout: scored (2), then log-probs,
     values, per-token rewards and advantages (3-5, `minitune.ppo.trajectory`), without grad, eval mode."""
     policy.eval()
-    value_head.eval()
     with torch.no_grad():
         scores, raw = scores_for(cfg, ro, policy, reward_head, reward_fn, moments, device)
-    traj, non_score = trajectory(policy, value_head, reference, ro.gen.sequences, ro.attention_mask, ro.gen.mask, scores,
+    traj, non_score = trajectory(policy, reference, ro.gen.sequences, ro.attention_mask, ro.gen.mask, scores,
                                  cfg.ppo, temperature=cfg.gen.temperature, kl_coef=kl_coef)
     return traj, raw, non_score
 
@@ -149,9 +148,10 @@ def train(cfg: PPOConfig) -> dict:
     value_head = ValueHead(base.config.hidden_size, cfg.ppo.value_dropout, device=device)
     if resume is not None:
         value_head.load(restore_adapter(base, resume, "policy"))
+    value_head.requires_grad_(cfg.ppo.use_value)  # without a value function it gets no gradient (DDP would wait)
     set_adapter(base, "policy")
     base_bytes = base_parameter_bytes(base)
-    model = finish_model(base, cfg.model, cfg.run, info)
+    model = finish_model(base, cfg.model, cfg.run, info, head=value_head)  # the value head inside DDP/FSDP
     seed_everything(cfg.run.seed + info.rank)
     if info.is_main:
         print(f"policy starts from {init or 'a fresh adapter'}; reference = {'adapter copy' if init else 'base'}; "
@@ -159,7 +159,7 @@ def train(cfg: PPOConfig) -> dict:
 
     prompts, refs = load_prompts(cfg.data, cfg.run.seed)
     mine = list(range(info.rank, len(prompts), info.world_size))
-    opt = build_optimizer(list(model.parameters()) + list(value_head.parameters()), cfg.optim)
+    opt = build_optimizer(model.parameters(), cfg.optim)
     kl_ctl = (AdaptiveKLController(cfg.ppo.init_kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.adaptive_kl
               else FixedKLController(cfg.ppo.init_kl_coef))
     moments = RunningMoments()
@@ -199,12 +199,12 @@ def train(cfg: PPOConfig) -> dict:
                                 rng=rng, chat=cfg.data.template.value == "chat",
                                 system=SYSTEM if cfg.data.source == "synthetic" else None, device=device)
             # 2-5. Scores, policy/reference log-probs and values, per-token rewards, advantages.
-            traj, raw, non_score = make_trajectory(cfg, ro, policy, value_head, reference, reward_head, reward_fn,
-                                                   moments, kl_ctl.value, device)
+            traj, raw, non_score = make_trajectory(cfg, ro, policy, reference, reward_head, reward_fn, moments,
+                                                   kl_ctl.value, device)
             # 6. PPO epochs over shuffled minibatches: clipped policy and value losses.
             t1 = time.perf_counter()
-            mb_stats, skipped = ppo_update(model, value_head, traj, opt, cfg.ppo, temperature=cfg.gen.temperature,
-                                           grad_clip=cfg.optim.grad_clip, rng=rng, world_size=info.world_size,
+            mb_stats, skipped = ppo_update(model, traj, opt, cfg.ppo, temperature=cfg.gen.temperature,
+                                           grad_clip=cfg.optim.grad_clip, rng=rng,
                                            check=lambda **v: check_finite(step + 1, last_ckpt, **v))
             t_train = time.perf_counter() - t1
             # 7. KL controller, stats, samples, checkpoint.

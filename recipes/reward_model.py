@@ -61,19 +61,20 @@ def build_pairs(cfg: RewardConfig, tok, info):
     return train_ids[info.rank::info.world_size], eval_ids[info.rank::info.world_size], stats
 
 
-def pair_forward(model, head, pairs, pad_id, device):
+def pair_forward(model, pairs, pad_id, device):
+    """(chosen, rejected) rewards of a batch of pairs, both sides in one forward of the model + head."""
     batch = collate_pairs(pairs, pad_id)
-    r = sequence_rewards(model, head, batch.input_ids.to(device), batch.attention_mask.to(device))
+    r = sequence_rewards(model, None, batch.input_ids.to(device), batch.attention_mask.to(device))
     n = len(pairs)
     return r[:n], r[n:]
 
 
 @torch.no_grad()
-def evaluate(model, head, pairs, cfg: RewardConfig, pad_id, device) -> dict:
+def evaluate(model, pairs, cfg: RewardConfig, pad_id, device) -> dict:
     model.eval()
     rc, rr = [], []
     for s in range(0, len(pairs), cfg.reward.eval_batch_size):
-        c, r = pair_forward(model, head, pairs[s: s + cfg.reward.eval_batch_size], pad_id, device)
+        c, r = pair_forward(model, pairs[s: s + cfg.reward.eval_batch_size], pad_id, device)
         rc.append(c.float())
         rr.append(r.float())
     model.train()
@@ -103,7 +104,7 @@ def train(cfg: RewardConfig) -> dict:
         raise MinituneError(f"only {len(train_pairs)} training pairs per rank; lower run.batch_size")
     total_steps = cfg.run.max_steps or max(1, int(cfg.run.epochs * len(train_pairs) / (cfg.run.batch_size * grad_accum)))
 
-    # 3. Model: frozen base, LoRA adapter "reward", scalar head; checkpointing, DDP/FSDP.
+    # 3. Model: frozen base, LoRA adapter "reward", scalar head; checkpointing, DDP/FSDP around both.
     base = build_base(cfg.model, device)
     check_memory(base, cfg.model, cfg.lora, cfg.optim, cfg.run, device, info, batch=2 * cfg.run.batch_size,
                  seq=cfg.reward.max_length)  # chosen and rejected in one forward
@@ -111,11 +112,11 @@ def train(cfg: RewardConfig) -> dict:
     head = RewardHead(base.config.hidden_size, device=device)
     if resume is not None:
         head.load(restore_adapter(base, resume, "reward"))
-    model = finish_model(base, cfg.model, cfg.run, info)
+    model = finish_model(base, cfg.model, cfg.run, info, head=head)  # the head inside DDP/FSDP with the adapter
     seed_everything(cfg.run.seed + info.rank)
 
     # 4. Optimizer (adapter + head) and schedule.
-    opt = build_optimizer(list(model.parameters()) + list(head.parameters()), cfg.optim)
+    opt = build_optimizer(model.parameters(), cfg.optim)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, total_steps))
     step, batch_index = 0, 0
     if resume is not None:
@@ -125,7 +126,7 @@ def train(cfg: RewardConfig) -> dict:
     last_ckpt = resume
     summary: dict = {"steps": total_steps, "train_pairs_per_rank": len(train_pairs), "eval_pairs_per_rank": len(eval_pairs)}
     if step == 0:
-        summary["before"] = evaluate(model, head, eval_pairs, cfg, tok.pad_id, device)
+        summary["before"] = evaluate(model, eval_pairs, cfg, tok.pad_id, device)
         if info.is_main:
             print(f"held-out before training: {summary['before']}")
     t_start = time.perf_counter()
@@ -141,15 +142,12 @@ def train(cfg: RewardConfig) -> dict:
             for i in range(grad_accum):
                 batch_index, pairs = next(batches)
                 batch_index += 1
-                c, r = pair_forward(model, head, pairs, tok.pad_id, device)
+                c, r = pair_forward(model, pairs, tok.pad_id, device)
                 m = pairwise_loss(c, r, margin=cfg.reward.margin, center_coef=cfg.reward.center_coef, reduction="sum")
                 # mean over every pair of the global batch (DDP averages over ranks)
                 (m.loss * info.world_size / (len(pairs) * grad_accum * info.world_size)).backward()
                 stats += torch.stack([m.loss.detach(), (c > r).float().sum().detach(), torch.tensor(float(len(pairs)))])
-            params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
-            if info.world_size > 1:  # the head lives outside the DDP/FSDP module: average its grads by hand
-                for p in head.parameters():
-                    all_reduce_sum(p.grad).div_(info.world_size)
+            params = [p for p in model.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
             all_reduce_sum(stats)
             loss, acc = (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
@@ -164,7 +162,7 @@ def train(cfg: RewardConfig) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}")
             bar.update(1)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
-                log.log(step, **evaluate(model, head, eval_pairs, cfg, tok.pad_id, device))
+                log.log(step, **evaluate(model, eval_pairs, cfg, tok.pad_id, device))
             stopping = stop.requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="reward", optimizer=opt, scheduler=sched,
@@ -176,7 +174,7 @@ def train(cfg: RewardConfig) -> dict:
     bar.close()
 
     # 6. Final evaluation and the reward adapter + head.
-    summary["after"] = evaluate(model, head, eval_pairs, cfg, tok.pad_id, device)
+    summary["after"] = evaluate(model, eval_pairs, cfg, tok.pad_id, device)
     summary.update(final_step=step, train_seconds=round(time.perf_counter() - t_start, 1), last_checkpoint=str(last_ckpt))
     finish_run(model, ctx, summary, adapter="reward", base_name=cfg.model.path, step=step, final_metrics=summary["after"],
                extra_tensors=head.tensors(), task_type="SEQ_CLS")

@@ -88,3 +88,21 @@ def reward_wrong_shape(responses, references):
 
 def constant_reward(responses, references):
     return [0.5] * len(responses)
+
+
+def torchrun(script, args, nproc=2, timeout=600):
+    """Runs `script` (a recipe or a test script) under torchrun with `nproc` CPU ranks (gloo);
+    fails with the output's tail when any rank fails."""
+    import os
+    import random
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + random.randint(0, 400)), str(script), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res

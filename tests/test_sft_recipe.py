@@ -16,7 +16,7 @@ from minitune import MinituneError
 from minitune.checkpoint import iter_safetensors
 from minitune.train.config import load_config, parse_cli
 from minitune.train.metrics import read_metrics
-from helpers import load_recipe, tiny_with_real_tokenizer
+from helpers import load_recipe, tiny_with_real_tokenizer, torchrun
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,10 +201,7 @@ def test_sections_are_the_library_configs_and_the_saved_config_is_what_ran(tiny,
 
 
 def _torchrun(args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + random.randint(0, 400)), str(ROOT / "recipes" / "lora_sft.py"), *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(ROOT / "recipes" / "lora_sft.py", args, nproc)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])

@@ -12,10 +12,10 @@ from tqdm.auto import tqdm
 from minitune.activations import apply_activation_checkpointing
 from minitune.adapters import adapter_state_dict, load_adapter, save_adapter, split_adapter_tensors
 from minitune.checkpoint import iter_safetensors, load_model
-from minitune.distributed import (DistInfo, apply_ddp, apply_fsdp, barrier, cleanup, full_tensor, init_distributed,
-                                  unwrap)
+from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, cleanup, full_tensor, init_distributed
 from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError
+from minitune.heads import WithHead, base_model
 from minitune.lora import (LoRAConfig, apply_lora, disable_adapters, lora_layers, lora_parameters, set_adapter,
                            use_adapter)
 from minitune.memory import MemoryPlan, check_fits
@@ -78,9 +78,10 @@ def finish_run(model: nn.Module, ctx: RunContext, summary: dict, *, adapter: str
     folder <output_dir>/adapter, the final metrics logged, summary.json written (and printed),
     the logger closed, the process group torn down."""
     sd = gathered_adapter(model, adapter) if adapter else None
+    extra = {k: full_tensor(v.detach()).cpu() for k, v in (extra_tensors or {}).items()}  # FSDP shards a wrapped head
     if ctx.info.is_main:
         if adapter:
-            save_adapter(unwrap(model), ctx.out_dir / "adapter", adapter, state_dict=sd, extra_tensors=extra_tensors,
+            save_adapter(base_model(model), ctx.out_dir / "adapter", adapter, state_dict=sd, extra_tensors=extra,
                          base_model_name_or_path=base_name, task_type=task_type)
         if final_metrics:
             ctx.log.log(step, **final_metrics)
@@ -197,10 +198,15 @@ def attach_policy(base: Transformer, init: Path | None, lora: LoRAConfig) -> Cal
     return (lambda: use_adapter(base, "reference")) if init is not None else (lambda: disable_adapters(base))
 
 
-def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: DistInfo) -> nn.Module:
-    """Gradient checkpointing, then DDP or FSDP2. Returns the module to call in the training step."""
+def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: DistInfo,
+                 head: nn.Module | None = None) -> nn.Module:
+    """Gradient checkpointing, then DDP or FSDP2 around the model, or around `WithHead(model, head)`
+    when a trainable head is given (so its gradients are synchronized like the adapter's). Returns the
+    module to call in the training step."""
     if m.gradient_checkpointing:
         apply_activation_checkpointing(model)
+    if head is not None:
+        model = WithHead(model, head)
     if run.parallel == Parallel.DDP and info.world_size > 1:
         return apply_ddp(model, info)
     if run.parallel == Parallel.FSDP and info.world_size > 1:
@@ -224,7 +230,7 @@ def progress_bar(total: int, initial: int, info: DistInfo, run: RunSection, desc
 
 def gathered_adapter(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """PEFT-named adapter tensors, gathered from FSDP shards (every rank must call this)."""
-    return adapter_state_dict(unwrap(model), name, materialize=full_tensor)  # DDP would prefix every name
+    return adapter_state_dict(base_model(model), name, materialize=full_tensor)  # wrappers would prefix every name
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -251,7 +257,7 @@ def save_state(
 
     def write(tmp: Path):
         if info.is_main:
-            save_adapter(model, tmp / "adapter", adapter, state_dict=sd, extra_tensors=heads,
+            save_adapter(base_model(model), tmp / "adapter", adapter, state_dict=sd, extra_tensors=heads,
                          base_model_name_or_path=base_name, task_type=task_type)
             save_pt({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                      "extras": extras or {}}, tmp / "common.pt")

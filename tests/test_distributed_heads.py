@@ -1,0 +1,57 @@
+"""Reward and value heads train inside the DDP/FSDP module (`WithHead`): gradients equal the
+single-process full batch's on every rank, and the reward and PPO recipes run under torchrun."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitune.checkpoint import iter_safetensors
+from minitune.train.metrics import read_metrics
+from helpers import tiny_with_real_tokenizer, torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_wrapped_head_gets_the_full_batch_gradient_on_every_rank(parallel):
+    out = torchrun(Path(__file__).parent / "dist_head_grads.py", [parallel])
+    assert out.stdout.count("gradients equal the full batch's") == 2, out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_reward_recipe_under_torchrun(demo_dir, tmp_path, parallel):
+    tiny = tiny_with_real_tokenizer(tmp_path / "m", demo_dir)
+    out = tmp_path / parallel
+    torchrun(ROOT / "recipes" / "reward_model.py",
+             [f"model.path={tiny}", "run.progress=false", "run.max_steps=3", "run.batch_size=2", "run.save_every=2",
+              "data.synthetic_train=32", "data.synthetic_eval=8", "optim.lr=1e-2", "lora.r=4",
+              f"run.parallel={parallel}", f"run.output_dir={out}"])
+    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    saved = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
+    ckpt = dict(iter_safetensors(out / "checkpoints" / "step_00000002" / "adapter" / "adapter_model.safetensors"))
+    head = saved["base_model.model.score.weight"]
+    assert head.shape == (1, 64) and torch.isfinite(head).all()
+    assert not torch.equal(head, ckpt["base_model.model.score.weight"])  # the head trained on the last step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
+    folder, prompts = toy_folder
+    out = tmp_path / parallel
+    torchrun(ROOT / "recipes" / "ppo.py",
+             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+              "init_adapter=", "reward.function=helpers:share_of_letter_a", "lora.r=4", "ppo.samples_per_prompt=1",
+              "ppo.group_baseline=false", "ppo.use_value=true", "ppo.rollout_batch=8", "ppo.mini_batch=4",
+              "ppo.ppo_epochs=1", "gen.min_new_tokens=4", "gen.max_new_tokens=4", "sample_every=0", "run.max_steps=2",
+              "run.save_every=1", "optim.lr=1e-2", f"run.parallel={parallel}", f"run.output_dir={out}"])
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "vf_loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["vf_loss"]) for r in rows)
+    first, last = (dict(iter_safetensors(out / "checkpoints" / f"step_0000000{s}" / "adapter" / "adapter_model.safetensors"))
+                   for s in (1, 2))
+    w = "base_model.model.v_head.summary.weight"
+    assert torch.isfinite(last[w]).all() and last[w].abs().sum() > 0  # the zero-initialized value head learned
+    assert not torch.equal(first[w], last[w])
