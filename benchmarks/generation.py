@@ -42,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--path", default=None, help="--shape mode: an existing checkpoint folder of that shape")
     ap.add_argument("--out", default=None)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--compile", action="store_true", help="also measure minitune with the compiled decode step")
     a = ap.parse_args(argv)
     if a.shape:
         return shape_mode(a, argv)
@@ -60,8 +61,9 @@ def main(argv=None):
              for p in (PROMPTS * 4)[: a.batch]]
     ids, mask = left_pad(tok.encode_batch(texts), tok.pad_id)
 
-    def run_ours():
-        out = generate(ours, ids, mask, max_new_tokens=a.new, eos_ids=[], pad_id=tok.pad_id)  # no early stop: same work
+    def run_ours(compile=False):
+        out = generate(ours, ids, mask, max_new_tokens=a.new, eos_ids=[], pad_id=tok.pad_id,  # no early stop: same work
+                       compile=compile)
         return int(out.mask.sum())
 
     def run_hf():
@@ -71,7 +73,10 @@ def main(argv=None):
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
     rows = []
-    for name, fn in [("minitune", run_ours), ("transformers", run_hf)]:
+    libs = [("minitune", run_ours), ("transformers", run_hf)]
+    if a.compile:
+        libs.append(("minitune compiled", lambda: run_ours(compile=True)))
+    for name, fn in libs:
         fn()  # warm-up
         rates = []
         for _ in range(a.repeats):
@@ -80,6 +85,8 @@ def main(argv=None):
             rates.append(n / (time.perf_counter() - t0))
         rows.append({"library": name, "batch": a.batch, "new tokens": a.new, "tokens/s": statistics.median(rates)})
     rows.append({"library": "minitune / transformers", "tokens/s": rows[0]["tokens/s"] / rows[1]["tokens/s"]})
+    if a.compile:
+        rows.append({"library": "minitune compiled / transformers", "tokens/s": rows[2]["tokens/s"] / rows[1]["tokens/s"]})
     save("generation_smollm2_cpu", rows, ["library", "batch", "new tokens", "tokens/s"],
          "python benchmarks/generation.py " + " ".join(sys.argv[1:] if argv is None else argv), a.out)
     return rows
@@ -97,13 +104,14 @@ def shape_mode(a, argv) -> list[dict]:
         a.shape, Path(tempfile.gettempdir()) / f"minitune-bench-{a.shape}-{dtype_name}", dtype_name)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     rows = []
-    for lib in ("minitune", "transformers+peft"):
+    libs = ("minitune", "minitune compiled", "transformers+peft") if a.compile else ("minitune", "transformers+peft")
+    for lib in libs:
         model, run = _load_for_generation(lib, path, dev, dtype, dtype_name, a.quant, a.lora, targets)
         for batch in a.batch:
             g = torch.Generator().manual_seed(0)
             vocab = model.config.vocab_size
             ids = torch.randint(3, vocab, (batch, a.prompt_len), generator=g).to(dev)
-            run(ids, 2)  # warm-up (and any lazy initialisation)
+            run(ids, a.new)  # warm-up: lazy initialisation, and compilation of this shape
             if dev.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -126,9 +134,10 @@ def shape_mode(a, argv) -> list[dict]:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     for batch in a.batch:
-        ours, hf = (next(r for r in rows if r["library"] == lib and r["batch"] == batch)
-                    for lib in ("minitune", "transformers+peft"))
-        rows.append({"library": "minitune / transformers+peft", "batch": batch, "tokens/s": ours["tokens/s"] / hf["tokens/s"]})
+        hf = next(r for r in rows if r["library"] == "transformers+peft" and r["batch"] == batch)
+        for lib in libs[:-1]:
+            ours = next(r for r in rows if r["library"] == lib and r["batch"] == batch)
+            rows.append({"library": f"{lib} / transformers+peft", "batch": batch, "tokens/s": ours["tokens/s"] / hf["tokens/s"]})
     name = a.name or f"generation_{a.shape}_{a.quant}{'_lora' if a.lora else ''}_{dev.type}"
     save(name, rows, ["library", "batch", "prompt", "new tokens", "tokens/s", "ms/step", "peak GiB"],
          "python benchmarks/generation.py " + " ".join(sys.argv[1:] if argv is None else argv), a.out)
@@ -137,7 +146,7 @@ def shape_mode(a, argv) -> list[dict]:
 
 def _load_for_generation(lib, path, dev, dtype, dtype_name, quant, lora, targets):
     """(model with .config.vocab_size, run(ids, new_tokens)) for one library, LoRA B randomized."""
-    if lib == "minitune":
+    if lib.startswith("minitune"):
         from minitune import generate, load_model
         from minitune.lora import LoRAConfig, LoRALinear, apply_lora
         from minitune.quant import QuantConfig
@@ -153,7 +162,8 @@ def _load_for_generation(lib, path, dev, dtype, dtype_name, quant, lora, targets
 
         def run(ids, new):
             g = torch.Generator(device=ids.device).manual_seed(0)
-            return generate(model, ids, max_new_tokens=new, eos_ids=[], pad_id=0, temperature=1.0, generator=g)
+            return generate(model, ids, max_new_tokens=new, eos_ids=[], pad_id=0, temperature=1.0, generator=g,
+                            compile=lib == "minitune compiled")
         return model, run
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

@@ -83,6 +83,22 @@ def decode_one_token(model: Transformer, tok, key_mask, position, input_pos) -> 
     return out.logits[:, -1].float()
 
 
+# With `compile=True` the KV cache is allocated in multiples of this many slots, so rollouts of
+# varying prompt and response lengths reuse a few compiled shapes instead of compiling each length.
+CACHE_BUCKET = 64
+_compiled: dict[str, object] = {}
+
+
+def compiled_decode(device_type: str):
+    """`decode_one_token` compiled once per device type: CUDA graphs on GPU ("reduce-overhead": the
+    step's ~10 kernels per layer replay as one launch), the inductor C++ backend on CPU. Guards
+    recompile when the model, its active adapter or a shape changes, so LoRA switching stays correct."""
+    if device_type not in _compiled:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled[device_type] = torch.compile(decode_one_token, mode=mode, dynamic=False)
+    return _compiled[device_type]
+
+
 # Rows that finished are checked for every this many tokens (a host sync); until then a finished row
 # keeps producing pad, which costs at most this many extra steps and is trimmed from the output.
 CHECK_DONE_EVERY = 8
@@ -103,6 +119,7 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     num_samples: int = 1,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Generates up to `max_new_tokens` for each left-padded prompt in input_ids [B, P].
 
@@ -112,7 +129,9 @@ def generate(
     and the host reads device values only every CHECK_DONE_EVERY tokens. `use_cache=False`
     recomputes the whole sequence each step (the reference the cache is tested against). `num_samples` > 1 answers each prompt
     that many times (output rows i*n .. i*n+n-1 belong to prompt i) from one prefill whose KV cache is
-    copied: the prompt's forward is paid once, not n times. Returns a GenerationOutput.
+    copied: the prompt's forward is paid once, not n times. `compile=True` runs the decode step
+    through `torch.compile` (see `compiled_decode`; prefill stays eager, its length varies); its
+    first call per shape pays the compilation. Returns a GenerationOutput.
     """
     if num_samples < 1:
         raise MinituneError(f"num_samples must be >= 1, got {num_samples}")
@@ -136,13 +155,16 @@ def generate(
     ended = torch.zeros(B, dtype=torch.bool, device=dev)
     try:
         if use_cache:
-            model.setup_cache(n_prompts, P + max_new_tokens)
+            S = P + max_new_tokens
+            S = -(-S // CACHE_BUCKET) * CACHE_BUCKET if compile else S  # a few static shapes, not one per length
+            model.setup_cache(n_prompts, S)
+            step = compiled_decode(dev.type) if compile else decode_one_token
             logits = prefill(model, prompt_ids, mask[::num_samples, :P], positions[::num_samples, :P])
             if num_samples > 1:
                 model.repeat_cache(num_samples)
                 logits = logits.repeat_interleave(num_samples, 0)
-            key_mask = mask.bool()  # (B, P+N): the prompt's padding, then slots as they are written
-            key_mask[:, P:] = False
+            key_mask = torch.zeros(B, S, dtype=torch.bool, device=dev)  # the prompt's padding, then slots as written
+            key_mask[:, :P] = mask[:, :P].bool()
         else:
             logits = prefill(model, input_ids, mask[:, :P], positions[:, :P])
         for n in range(max_new_tokens):
@@ -159,7 +181,8 @@ def generate(
             if use_cache:
                 key_mask[:, P + n] = True
                 slot = torch.full((1,), P + n, dtype=torch.long, device=dev)
-                logits = decode_one_token(model, tok, key_mask, positions[:, P + n], slot)
+                logits = step(model, tok, key_mask, positions[:, P + n], slot)
+                logits = logits.clone() if compile else logits  # CUDA graphs overwrite their outputs on replay
             else:
                 cur = P + n + 1
                 logits = prefill(model, seq[:, :cur], mask[:, :cur], positions[:, :cur])

@@ -79,7 +79,8 @@ def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: S
     n_new = rng.randint(gen.min_new_tokens, gen.max_new_tokens)
     g = torch.Generator(device=device).manual_seed(rng.randrange(2**31))
     out = generate(policy, q, qmask, max_new_tokens=n_new, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
-                   temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=g, num_samples=k)
+                   temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=g, num_samples=k,
+                   compile=gen.compile)
     policy.train(was_training)
     responses = [tok.decode(t[: int(n)]) for t, n in zip(out.tokens, out.lengths)]
     return Rollout([p for p in prompts for _ in range(k)], [r for r in references for _ in range(k)],

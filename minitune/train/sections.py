@@ -166,6 +166,7 @@ class GenSection:
     top_k: int = 0
     top_p: float = 1.0
     max_prompt_length: int = 256
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); off: on this 2-core CPU it ran slower
 
     def __post_init__(self):
         require(1 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
