@@ -89,21 +89,29 @@ def _eos_rows_finish_apart(m, ids, mask):
     return int(free.tokens[0, 2])
 
 
+def lora_model(n_kv: int):
+    """A tiny model (n_kv kv heads) with a LoRA adapter on every linear layer, B nonzero."""
+    from minitune.lora import LoRAConfig, LoRALinear, apply_lora
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128)
+    m = build_model(cfg, seed=0).eval()
+    apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for layer in m.modules():
+            if isinstance(layer, LoRALinear):
+                layer.adapters["default"].lora_B.normal_(0, 0.2)
+    return m
+
+
 def test_static_decode_equals_recompute_in_every_setting():
     # greedy and sampled, left padding, GQA and plain multi-head, rows ending at different steps
     # (past a CHECK_DONE_EVERY boundary), several samples per prompt, with a LoRA adapter active,
     # then with adapters disabled
-    from minitune.lora import LoRAConfig, LoRALinear, apply_lora, disable_adapters
+    from minitune.lora import disable_adapters
 
     for n_kv in (2, 4):
-        cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128)
-        m = build_model(cfg, seed=0).eval()
-        apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
-        with torch.no_grad():
-            for layer in m.modules():
-                if isinstance(layer, LoRALinear):
-                    layer.adapters["default"].lora_B.normal_(0, 0.2)
+        m = lora_model(n_kv)
         ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
         eos = _eos_rows_finish_apart(m, ids, mask)
         for adapters_on in (True, False):
@@ -165,14 +173,9 @@ def test_compiled_decode_equals_eager_with_lora_on_and_off():
     # log-probs as the eager static path, greedy and sampled, several samples per prompt, rows ending
     # apart; a second call with another batch and a switch of the active adapter recompile, never
     # reuse a stale graph or cache
-    from minitune.lora import LoRAConfig, LoRALinear, apply_lora, disable_adapters
+    from minitune.lora import disable_adapters
 
-    m = model()
-    apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for layer in m.modules():
-            if isinstance(layer, LoRALinear):
-                layer.adapters["default"].lora_B.normal_(0, 0.2)
+    m = lora_model(2)
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
     eos = _eos_rows_finish_apart(m, ids, mask)
     for adapters_on, samples in ((True, 1), (True, 3), (False, 1)):
