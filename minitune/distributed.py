@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minitune.heads import base_model
+
 
 @dataclass
 class DistInfo:
@@ -84,8 +86,6 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None
     must be stored in the dtype FSDP uses (`quant_storage`), or FSDP's casts corrupt the bytes."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    from minitune.heads import base_model
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype) if param_dtype is not None else MixedPrecisionPolicy()
