@@ -12,8 +12,8 @@ peak = weights + trainable state + activations + logits/loss buffers + runtime o
   q/k/v and attention output, MLP gate/up/act/product (about 10*D + 2*kvD + 4*I values), plus the
   LoRA inputs. With gradient checkpointing: one hidden state per layer, plus one layer's full
   activations while it is recomputed.
-- logits: [B, T, V] in the compute dtype plus the fp32 copy and its gradient (or one chunk of them
-  with the chunked cross-entropy).
+- logits: [B, T, V] in the compute dtype plus the fp32 copy and its gradient (or one chunk of
+  `ce_chunk` tokens with the fused linear + cross-entropy).
 - overhead: CPU: the Python/torch process itself; GPU: the CUDA context is not counted by
   max_memory_allocated, but allocator slack is (~5%).
 """
@@ -94,7 +94,7 @@ def estimate(c: ModelConfig, p: MemoryPlan) -> dict[str, int]:
     # attention scores are never materialized by SDPA's fused kernels on GPU; the CPU math path does.
     if p.device == "cpu":
         acts += p.batch * c.num_attention_heads * p.seq * p.seq * b * (1 if p.gradient_checkpointing else L)
-    logit_tokens = min(tokens, p.batch * p.ce_chunk) if p.ce_chunk else tokens
+    logit_tokens = min(tokens, p.ce_chunk) if p.ce_chunk else tokens  # the fused loss: one chunk of tokens
     logits = logit_tokens * V * (b + 4 + 4)
     overhead = CPU_PROCESS_BYTES if p.device == "cpu" else int(0.05 * (weights + trainable + acts + logits))
     parts = {"weights": int(weights), "trainable_state": int(trainable), "activations": int(acts),

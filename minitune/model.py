@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minitune.attention import AttentionImpl, attend, plan
 from minitune.errors import MinituneError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -150,53 +151,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention masks
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, T] id of the packed document each token belongs to: a new one starts wherever the
-    position does not grow (a restart at 0, or a left pad)."""
-    start = torch.ones_like(position_ids, dtype=torch.bool)
-    start[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-    return start.cumsum(dim=1)
-
-
-def build_attention_mask(
-    q_len: int,
-    kv_len: int,
-    *,
-    position_ids: torch.Tensor | None,
-    padding_mask: torch.Tensor | None,
-    device,
-) -> torch.Tensor | None:
-    """Boolean mask [B, 1, q_len, kv_len] (True = attend), or None when plain causal suffices.
-
-    Queries are the last `q_len` of `kv_len` keys. Packed documents (position restarts) are
-    isolated from each other, padded keys are hidden, and every query keeps itself so that no row
-    is fully masked (SDPA would return NaN).
-    """
-    restarts = (
-        position_ids is not None
-        and q_len == kv_len
-        and q_len > 1
-        and bool((position_ids[:, 1:] <= position_ids[:, :-1]).any())
-    )
-    if padding_mask is None and not restarts:
-        return None
-    offset = kv_len - q_len
-    q_idx = torch.arange(q_len, device=device)[:, None] + offset
-    k_idx = torch.arange(kv_len, device=device)[None, :]
-    mask = (k_idx <= q_idx)[None]  # (1, q, kv)
-    if restarts:
-        doc = document_ids(position_ids)
-        mask = mask & (doc[:, :, None] == doc[:, None, :])
-    if padding_mask is not None:
-        mask = mask & padding_mask[:, None, :kv_len].bool()
-    mask = mask | (k_idx == q_idx)[None]
-    return mask[:, None]  # (B, 1, q, kv)
-
-
-# ----------------------------------------------------------------------------------------------
 # Modules
 
 
@@ -266,13 +220,7 @@ class Attention(nn.Module):
             # and SDPA shares each kv head across its query heads without copying K/V.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
-        if self.n_kv != self.n_head:
-            # GQA: share each kv head across n_head // n_kv query heads.
-            rep = self.n_head // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(rep, dim=1)
-        is_causal = mask is None and T > 1 and k.shape[2] == T
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, T, hd)
+        y = attend(q, k, v, mask)  # (B, nh, T, hd): causal, dense mask, per document or flex
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -322,6 +270,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.attention = AttentionImpl.AUTO  # packed blocks: see minitune.attention.set_attention
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -395,9 +344,8 @@ class Transformer(nn.Module):
         if static:
             mask = attention_mask[:, None, None, :]  # (B, 1, 1, max_len)
         else:
-            mask = build_attention_mask(
-                T, cache_pos + T, position_ids=position_ids, padding_mask=attention_mask, device=x.device
-            )
+            mask = plan(T, cache_pos + T, position_ids=position_ids, padding_mask=attention_mask,
+                        impl=self.attention, device=x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         h = self.model.norm(x)
