@@ -3,6 +3,16 @@ transformers+peft (`--compare-hf`), with minitune's own memory prediction beside
 
     python benchmarks/memory.py --model smollm2-135m --mode lora --seq 256 --batch 4 --compare-hf
     python benchmarks/memory.py --model llama2-7b --mode qlora --seq 2048 --batch 1 --gc --compare-hf   # GPU
+    python benchmarks/memory.py --model llama2-7b --mode qlora --seq 2048 --batch 1 --gc --packed --compare-hf
+    python benchmarks/memory.py --model llama3-8b --mode qlora --gc --offload --seq-sweep --budget-gib 24   # GPU
+
+--packed feeds what SFT trains on: blocks from ConstantLengthDataset over documents of 64-700 tokens
+(positions restart at each document, the token after a document's end is not a target), through
+minitune's packed attention (`--attention`) and transformers' own packed-sequence mask. Otherwise
+random tokens, every position a target. --compile compiles minitune's decoder layers (the first,
+untimed step includes the compilation; its time is reported). --seq-sweep runs one configuration
+at growing sequence lengths (doubling from --seq, then bisecting to --sweep-step) and reports the
+longest one whose peak stays under --budget-gib, as a table and a PNG (with matplotlib).
 
 Each configuration runs in a fresh process, so peak RSS (CPU) and max_memory_allocated (GPU) belong
 to that run alone. Random weights (memory and speed do not depend on values); the same checkpoint
@@ -60,6 +70,35 @@ def make_checkpoint(model: str, folder: Path, dtype: str, **overrides) -> Path:
     return folder
 
 
+def make_batches(a, n: int) -> list[dict]:
+    """n batches of {input_ids, position_ids, labels} [B, T] (labels aligned: the target of each position)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if not a.packed:
+        out = []
+        for _ in range(n):
+            ids = torch.randint(0, 32000, (a.batch, a.seq + 1), generator=g)
+            out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+                        "position_ids": torch.arange(a.seq).repeat(a.batch, 1)})
+        return out
+    from minitune.data import ConstantLengthDataset, Document
+
+    def documents(rows):
+        return [Document(r, [True] * len(r)) for r in rows], 0
+
+    docs = [torch.randint(3, 32000, (int(torch.randint(64, 701, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n * a.batch * a.seq // 300 + 16)]
+    blocks = iter(ConstantLengthDataset(docs, documents, seq_length=a.seq, shard=(0, 1)))
+    return [_stack([next(blocks) for _ in range(a.batch)]) for _ in range(n)]
+
+
+def _stack(blocks: list[dict]) -> dict:
+    import torch
+
+    return {k: torch.stack([b[k] for b in blocks]) for k in ("input_ids", "position_ids", "labels")}
+
+
 def worker(a) -> dict:
     import torch
 
@@ -74,6 +113,8 @@ def worker(a) -> dict:
     if a.lib == "minitune":
         from minitune import load_model
         from minitune.activations import apply_activation_checkpointing
+        from minitune.attention import set_attention
+        from minitune.compile import compile_layers
         from minitune.lora import LoRAConfig, apply_lora
         from minitune.quant import QuantConfig, prepare_for_kbit_training
         from minitune.train.loss import cross_entropy_sum
@@ -87,12 +128,15 @@ def worker(a) -> dict:
             apply_lora(model, LoRAConfig(r=a.rank, alpha=2 * a.rank, target_modules=tuple(targets)))
         else:
             model.requires_grad_(True)
+        set_attention(model, a.attention)
+        if a.compile:
+            compile_layers(model)
         if a.gc:
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, offload=a.offload)
 
-        def step_loss(ids):
-            out = model(ids[:, :-1], return_logits=False)
-            return cross_entropy_sum(out.hidden, ids[:, 1:], model.lm_head, a.ce_chunk) / ids[:, 1:].numel()
+        def step_loss(b):
+            out = model(b["input_ids"], b["position_ids"], return_logits=False)
+            return cross_entropy_sum(out.hidden, b["labels"], model.lm_head, a.ce_chunk) / (b["labels"] != -100).sum()
     else:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -111,8 +155,9 @@ def worker(a) -> dict:
         if a.mode != "full":
             model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=targets, task_type="CAUSAL_LM"))
 
-        def step_loss(ids):
-            return model(input_ids=ids, labels=ids).loss
+        def step_loss(b):  # transformers' own loss; shift_labels: the targets are already aligned
+            return model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"],
+                         shift_labels=b["labels"]).loss
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if a.optim == "adamw":
@@ -122,23 +167,25 @@ def worker(a) -> dict:
 
         opt = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[a.optim](params, lr=1e-5)
     load_rss = current_rss_bytes()
-    g = torch.Generator().manual_seed(0)
+    batches = make_batches(a, a.warmup + a.steps)
     times = []
     for i in range(a.warmup + a.steps):
-        ids = torch.randint(0, 32000, (a.batch, a.seq + 1), generator=g).to(dev)
+        b = {k: v.to(dev) for k, v in batches[i].items()}
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = step_loss(ids)
+        loss = step_loss(b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        if i == 0:
+            first = time.perf_counter() - t0
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
     tok_s = a.batch * a.seq / statistics.median(times)
-    out = {"tokens_per_s": tok_s, "peak_rss_gib": peak_rss_bytes() / 2**30, "base_rss_gib": base_rss / 2**30,
+    out = {"tokens_per_s": tok_s, "first_step_s": first, "step_s": statistics.median(times), "peak_rss_gib": peak_rss_bytes() / 2**30, "base_rss_gib": base_rss / 2**30,
            "after_load_rss_gib": load_rss / 2**30, "loss": float(loss)}
     if dev.type == "cuda":
         out["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -190,7 +237,15 @@ def main(argv=None):
     ap.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit", "paged_adamw8bit"])
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on GPU")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--ce-chunk", type=int, default=0)
+    ap.add_argument("--ce-chunk", type=int, default=256, help="fused lm_head + loss over this many tokens (0: plain)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "segments", "flex"])
+    ap.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (minitune)")
+    ap.add_argument("--offload", action="store_true", help="with --gc: kept layer inputs in CPU memory (minitune)")
+    ap.add_argument("--packed", action="store_true", help="ConstantLengthDataset blocks of 64-700 token documents")
+    ap.add_argument("--seq-sweep", action="store_true", help="longest --seq whose peak fits --budget-gib")
+    ap.add_argument("--budget-gib", type=float, default=24.0)
+    ap.add_argument("--sweep-step", type=int, default=1024, help="bisection granularity of the sweep (tokens)")
+    ap.add_argument("--sweep-max", type=int, default=262144)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compare-hf", action="store_true")
@@ -214,16 +269,17 @@ def main(argv=None):
             a.path = str(demo_model_path())
         else:
             a.path = str(make_checkpoint(a.model, Path(tempfile.gettempdir()) / f"minitune-bench-{a.model}-{a.dtype}", a.dtype))
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-                   if k in ("model", "mode", "seq", "batch", "rank", "targets", "optim", "dtype", "device", "ce_chunk",
-                            "steps", "warmup", "path")] + (["--gc"] if a.gc else [])
+    if a.seq_sweep:
+        return sweep(a, argv)
     rows = []
     libs = ["minitune"] + (["transformers+peft"] if a.compare_hf else [])
     for lib in libs:
-        r = run_worker(Path(__file__), passthrough + [f"--lib={'minitune' if lib == 'minitune' else 'hf'}"])
+        r = run_worker(Path(__file__), passthrough(a) + [f"--lib={'minitune' if lib == 'minitune' else 'hf'}"])
         mem = r.get("peak_alloc_gib", r["peak_rss_gib"])
         row = {"library": lib, "model": a.model, "mode": a.mode, "B x T": f"{a.batch}x{a.seq}", "gc": a.gc,
-               "tokens/s": r["tokens_per_s"], "peak GiB": mem}
+               "packed": a.packed, "tokens/s": r["tokens_per_s"], "peak GiB": mem, "first step s": r["first_step_s"]}
+        if lib == "minitune":
+            row["options"] = options(a)
         if lib == "minitune":
             row["predicted GiB"] = predict(a)
             row["pred/meas"] = row["predicted GiB"] / mem
@@ -235,12 +291,100 @@ def main(argv=None):
     if len(rows) == 2:
         rows.append({"library": "minitune / HF", "tokens/s": rows[0]["tokens/s"] / rows[1]["tokens/s"],
                      "peak GiB": rows[0]["peak GiB"] / rows[1]["peak GiB"]})
-    cols = ["library", "model", "mode", "B x T", "gc", "tokens/s", "peak GiB", "predicted GiB", "pred/meas"]
+    cols = ["library", "model", "mode", "B x T", "gc", "packed", "options", "tokens/s", "peak GiB", "first step s",
+            "predicted GiB", "pred/meas"]
     if any("MFU" in r for r in rows):
         cols += ["MFU", "reserved GiB"]
-    name = a.name or f"memory_{a.model}_{a.mode}_{a.batch}x{a.seq}{'_gc' if a.gc else ''}_{a.device.split(':')[0]}"
+    name = a.name or (f"memory_{a.model}_{a.mode}_{a.batch}x{a.seq}{'_gc' if a.gc else ''}{'_packed' if a.packed else ''}"
+                      f"_{a.device.split(':')[0]}")
     save(name, rows, cols, "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv), a.out)
     return rows
+
+
+def passthrough(a, **override) -> list[str]:
+    """The worker's command line for the configuration `a` (with `override`)."""
+    v = dict(vars(a), **override)
+    keys = ("model", "mode", "seq", "batch", "rank", "targets", "optim", "dtype", "device", "ce_chunk", "attention",
+            "steps", "warmup", "path")
+    return ([f"--{k.replace('_', '-')}={v[k]}" for k in keys]
+            + [f"--{k}" for k in ("gc", "compile", "offload", "packed") if v[k]])
+
+
+def options(a) -> str:
+    on = [f"ce_chunk {a.ce_chunk}" if a.ce_chunk else "plain loss", a.attention]
+    return ", ".join(on + [k for k in ("compile", "offload") if getattr(a, k)])
+
+
+def sweep(a, argv) -> list[dict]:
+    """Longest sequence (batch a.batch) whose measured peak stays under the budget: doubling from
+    a.seq, then bisection between the last fit and the first miss down to a.sweep_step tokens.
+    A run that fails (out of memory) counts as a miss."""
+    budget = a.budget_gib
+    rows: list[dict] = []
+
+    def measure(seq: int) -> bool:
+        try:
+            r = run_worker(Path(__file__), passthrough(a, seq=seq, steps=1, warmup=1) + ["--lib=minitune"])
+            mem = r.get("peak_alloc_gib", r["peak_rss_gib"])
+            rows.append({"seq": seq, "peak GiB": mem, "tokens/s": r["tokens_per_s"], "fits": mem <= budget})
+        except RuntimeError as e:
+            oom = "out of memory" in str(e).lower()
+            rows.append({"seq": seq, "peak GiB": float("nan"), "tokens/s": float("nan"), "fits": False,
+                         "note": "out of memory" if oom else "failed"})
+            if not oom:
+                print(str(e)[-1500:], file=sys.stderr)
+        print(f"seq {seq}: {rows[-1]}", flush=True)
+        return rows[-1]["fits"]
+
+    lo, hi = 0, None
+    seq = a.seq
+    while seq <= a.sweep_max:
+        if not measure(seq):
+            hi = seq
+            break
+        lo, seq = seq, seq * 2
+    while hi is not None and hi - lo > a.sweep_step:
+        mid = (lo + hi) // 2 // a.sweep_step * a.sweep_step or a.sweep_step
+        if mid in (lo, hi):
+            break
+        if measure(mid):
+            lo = mid
+        else:
+            hi = mid
+    rows.sort(key=lambda r: r["seq"])
+    summary = {"seq": f"longest under {budget:g} GiB: {lo if lo else 'none'}"}
+    name = a.name or f"seq_sweep_{a.model}_{a.mode}_{a.device.split(':')[0]}"
+    command = "python benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    save(name, rows + [summary], ["seq", "peak GiB", "tokens/s", "fits", "note"], command, a.out)
+    plot_sweep(rows, budget, lo, f"{a.model} {a.mode}, {options(a)}{', gc' if a.gc else ''}", name, a.out)
+    return rows
+
+
+def plot_sweep(rows, budget, longest, title, name, out_dir):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install minitune[plot]): no PNG")
+        return
+    from common import RESULTS
+
+    ok = [r for r in rows if r["peak GiB"] == r["peak GiB"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["seq"] for r in ok], [r["peak GiB"] for r in ok], "o-", label="measured peak")
+    ax.axhline(budget, color="red", linestyle="--", label=f"budget {budget:g} GiB")
+    if longest:
+        ax.axvline(longest, color="green", linestyle=":", label=f"longest fit {longest:,}")
+    ax.set_xlabel("sequence length (tokens)")
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out_dir or RESULTS) / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -148,12 +148,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 
         fn = _flex_compiled() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
-    if gqa:
-        # Share each kv head across n_head // n_kv query heads.
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     is_causal = mask is None and q.shape[2] > 1 and k.shape[2] == q.shape[2]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    # GQA inside SDPA: each kv head serves n_head // n_kv query heads without a repeated copy of K/V
+    # (which autograd would also keep for the backward).
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
 
 
 @torch.compiler.disable  # lengths are data: a compiled layer calls this eagerly instead of recompiling

@@ -55,7 +55,7 @@ class SFTConfig:
                                                                batch_size=4, eval_every=0, save_every=20))
     wandb: WandbSection = field(default_factory=WandbSection)
     eval: EvalSection = field(default_factory=EvalSection)
-    ce_chunk: int = 0  # > 0: fused lm_head + cross-entropy over this many tokens at a time (no [B, T, V] logits)
+    ce_chunk: int = 256  # > 0: fused lm_head + cross-entropy over this many tokens at a time (no [B, T, V] logits); 0: plain
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,3 +38,23 @@ def test_generation_benchmark_shape_mode_writes_its_table(tmp_path):
         ("minitune / transformers+peft", 2), ("minitune / transformers+peft", 3)]
     assert all(r["tokens/s"] > 0 for r in rows)
     assert "ms/step" in (tmp_path / "gen.md").read_text()
+
+
+def test_memory_benchmark_packed_mode_and_sequence_sweep(tmp_path):
+    import memory
+
+    ckpt = str(memory.make_checkpoint("tiny", tmp_path / "ckpt", "float32"))
+    memory.main(["--model", "tiny", "--mode", "lora", "--seq", "1024", "--batch", "1", "--steps", "1", "--warmup", "0",
+                 "--packed", "--compare-hf", "--out", str(tmp_path), "--name", "packed", "--path", ckpt])
+    rows = json.loads((tmp_path / "packed.json").read_text())["rows"]
+    assert rows[0]["packed"] is True and [r["library"] for r in rows] == ["minitune", "transformers+peft", "minitune / HF"]
+    blocks = memory.make_batches(memory.argparse.Namespace(packed=True, batch=2, seq=1024), 1)[0]
+    assert (blocks["position_ids"][:, 1:] < blocks["position_ids"][:, :-1]).any(1).all()  # documents restart in every block
+    assert (blocks["labels"] == -100).any()  # the token after a document's end is not a target
+
+    memory.main(["--model", "tiny", "--mode", "lora", "--seq", "16", "--batch", "1", "--seq-sweep", "--budget-gib", "100",
+                 "--sweep-max", "64", "--out", str(tmp_path), "--name", "sweep", "--path", ckpt])
+    rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert [r["seq"] for r in rows[:-1]] == [16, 32, 64] and all(r["fits"] for r in rows[:-1])
+    assert rows[-1]["seq"] == "longest under 100 GiB: 64"
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"

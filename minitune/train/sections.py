@@ -7,6 +7,8 @@ from enum import Enum
 
 import torch
 
+from minitune.attention import AttentionImpl
+from minitune.attention import resolve as resolve_attention
 from minitune.data.formats import Template
 from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError, require
@@ -43,6 +45,9 @@ class ModelSection:
     quant: QuantConfig | None = None
     gradient_checkpointing: bool = False
     autocast: bool = False  # bf16 autocast on GPU; fp32 master weights
+    attention: AttentionImpl = AttentionImpl.AUTO  # packed blocks: auto (flex on CUDA, segments on CPU), sdpa, segments, flex
+    compile: bool | None = None  # torch.compile of each decoder layer for training; None: on for CUDA, off on CPU
+    offload_activations: bool = False  # with gradient checkpointing: each layer's kept input in CPU memory
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -52,6 +57,15 @@ class ModelSection:
         """Settles what depends on the device, before the config is printed and saved (the saved
         config is what ran). Returns notes on what changed."""
         notes = []
+        if self.attention == AttentionImpl.AUTO:
+            self.attention = resolve_attention(self.attention, device)
+            notes.append(f"model.attention auto -> {self.attention.value} on {device.type}")
+        if self.compile is None:
+            self.compile = device.type == "cuda"
+            notes.append(f"model.compile auto -> {str(self.compile).lower()} on {device.type}")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise MinituneError("model.offload_activations offloads the layer inputs that gradient checkpointing "
+                                "keeps; set model.gradient_checkpointing=true too")
         if self.quant is not None and self.quant.compute_dtype == "bfloat16" and device.type == "cpu":
             self.quant = dataclasses.replace(self.quant, compute_dtype="float32")
             notes.append("model.quant.compute_dtype bfloat16 -> float32 on CPU (bf16 matmuls there are slow and inexact)")

@@ -10,6 +10,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitune.activations import apply_activation_checkpointing
+from minitune.attention import set_attention
+from minitune.compile import compile_layers
 from minitune.adapters import adapter_state_dict, load_adapter, save_adapter, split_adapter_tensors
 from minitune.checkpoint import iter_safetensors, load_model
 from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, cleanup, full_tensor, init_distributed
@@ -118,7 +120,9 @@ def describe_run(cfg, resume: Path | None = None) -> str:
     lines = []
     if m is not None:
         extras = [m.dtype] + ([f"{m.quant.quant_type.value} base (compute {m.quant.compute_dtype})"] if m.quant else [])
-        extras += ["gradient checkpointing"] if m.gradient_checkpointing else []
+        extras += ["gradient checkpointing" + (" + CPU offload" if m.offload_activations else "")] \
+            if m.gradient_checkpointing else []
+        extras += [f"{m.attention.value} attention"] + (["compiled layers"] if m.compile else [])
         lines.append(f"model   {m.path} ({', '.join(extras)})")
     if lora is not None:
         targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
@@ -200,11 +204,14 @@ def attach_policy(base: Transformer, init: Path | None, lora: LoRAConfig) -> Cal
 
 def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: DistInfo,
                  head: nn.Module | None = None) -> nn.Module:
-    """Gradient checkpointing, then DDP or FSDP2 around the model, or around `WithHead(model, head)`
+    """Attention path, compiled layers, gradient checkpointing (and offloading), then DDP or FSDP2 around the model, or around `WithHead(model, head)`
     when a trainable head is given (so its gradients are synchronized like the adapter's). Returns the
     module to call in the training step."""
+    set_attention(model, m.attention)
+    if m.compile:
+        compile_layers(model)  # before checkpointing, which wraps the compiled layers
     if m.gradient_checkpointing:
-        apply_activation_checkpointing(model)
+        apply_activation_checkpointing(model, offload=m.offload_activations)
     if head is not None:
         model = WithHead(model, head)
     if run.parallel == Parallel.DDP and info.world_size > 1:

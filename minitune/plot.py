@@ -1,0 +1,127 @@
+"""Curves from a run's metrics.jsonl, as a PNG (needs matplotlib: `pip install minitune[plot]`).
+
+    python -m minitune.plot outputs/ppo                        # -> outputs/ppo/curves.png
+    python -m minitune.plot outputs/ppo outputs/grpo --out ppo_vs_grpo.png   # runs overlaid
+
+One panel per kind of metric that the run logged: training loss, held-out loss, accuracy and
+exact-match (per family too), reward/score, KL, throughput. Held-out values at the first and last
+logged step are marked and labelled, so before/after reads off the picture.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from minitune.errors import MinituneError
+
+# (panel title, predicate on a metric name) in display order; a metric goes to the first match.
+PANELS = [
+    ("training loss", lambda k: k in ("loss", "pg_loss", "vf_loss")),
+    ("held-out loss", lambda k: k == "eval_loss"),
+    ("accuracy / exact match", lambda k: k in ("accuracy", "eval_accuracy") or k.startswith("eval_exact_match")),
+    ("reward", lambda k: k in ("score_mean", "eval_reward_mean", "rewards_chosen", "rewards_rejected", "margin",
+                               "eval_margin", "eval_score_mean", "advantage_mean")),
+    ("KL to the reference (nats)", lambda k: k in ("kl", "eval_kl", "approx_kl")),
+    ("throughput", lambda k: k in ("tokens_per_s", "pairs_per_s", "gen_tokens_per_s")),
+    ("response length / no-EOS share", lambda k: k in ("response_length", "no_eos_share")),
+]
+
+
+def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """(run name, {metric: [(step, value), ...]}) from a run folder or its metrics.jsonl."""
+    p = Path(path)
+    f = p / "metrics.jsonl" if p.is_dir() else p
+    if not f.is_file():
+        raise MinituneError(f"no metrics.jsonl at {path}; pass a run's output_dir or its metrics.jsonl")
+    series: dict[str, list[tuple[int, float]]] = {}
+    for n, line in enumerate(f.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise MinituneError(f"{f}:{n} is not a JSON line") from None
+        step = row.get("step")
+        if "final_step" in row or not isinstance(step, int):
+            continue  # the run's closing summary repeats values already logged
+        for k, v in row.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                series.setdefault(k, []).append((step, float(v)))
+    name = (f.parent if f.name == "metrics.jsonl" else f).name
+    return name, series
+
+
+def panels_for(runs: list[tuple[str, dict]]) -> list[tuple[str, list[str]]]:
+    keys = sorted({k for _, s in runs for k in s})
+    out = []
+    for title, match in PANELS:
+        ks = [k for k in keys if match(k)]
+        if ks:
+            out.append((title, ks))
+    return out
+
+
+def plot(paths: list[str | Path], out: str | Path | None = None) -> Path:
+    """Writes the PNG and returns its path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MinituneError("plotting needs matplotlib: pip install 'minitune[plot]'") from None
+    runs = [read_metrics(p) for p in paths]
+    panels = panels_for(runs)
+    if not panels:
+        raise MinituneError(f"nothing to plot in {', '.join(map(str, paths))}: no loss, eval, reward or KL metric")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for run, series in runs:
+            for k in keys:
+                pts = series.get(k)
+                if not pts:
+                    continue
+                label = k if len(runs) == 1 else f"{run}: {k}"
+                xs, ys = zip(*pts)
+                held_out = k.startswith("eval_") or (k == "accuracy" and len(pts) <= 3)
+                line, = ax.plot(xs, ys, "o-" if held_out or len(pts) < 20 else "-", markersize=3, label=label)
+                if held_out and len(pts) >= 2:
+                    for (x, y), tag in ((pts[0], "before"), (pts[-1], "after")):
+                        ax.annotate(f"{tag} {y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                    color=line.get_color())
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(" vs ".join(r for r, _ in runs), fontsize=11)
+    fig.tight_layout()
+    first = Path(paths[0])
+    target = Path(out) if out else (first if first.is_dir() else first.parent) / "curves.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minitune.plot", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="run output folders or metrics.jsonl files")
+    ap.add_argument("--out", default=None, help="PNG path (default: curves.png in the first run's folder)")
+    a = ap.parse_args(argv)
+    try:
+        path = plot(a.runs, a.out)
+    except MinituneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

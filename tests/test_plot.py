@@ -1,0 +1,53 @@
+"""The plot command turns metrics.jsonl into a PNG with one panel per kind of metric."""
+import json
+
+import pytest
+
+from minitune.errors import MinituneError
+from minitune.plot import main, panels_for, plot, read_metrics
+
+pytest.importorskip("matplotlib")
+
+
+def write_run(folder, rows):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def rl_run(folder):
+    rows = [{"step": 0, "time": 1.0, "eval_exact_match": 0.63, "eval_exact_match_add": 0.55}]
+    rows += [{"step": s, "time": 1.0 + s, "score_mean": 0.6 + 0.01 * s, "kl": 0.1 * s, "pg_loss": -0.1, "lr": 1e-5}
+             for s in range(1, 9)]
+    rows += [{"step": 8, "time": 10.0, "eval_exact_match": 0.65, "eval_exact_match_add": 0.60},
+             {"step": 8, "time": 11.0, "final_step": 8, "eval_exact_match": 0.65}]
+    return write_run(folder, rows)
+
+
+def test_panels_follow_the_logged_metrics_and_the_summary_line_is_not_a_point(tmp_path):
+    name, series = read_metrics(rl_run(tmp_path / "ppo"))
+    assert name == "ppo"
+    assert series["eval_exact_match"] == [(0, 0.63), (8, 0.65)]  # the closing summary is not a third point
+    titles = [t for t, _ in panels_for([(name, series)])]
+    assert titles == ["training loss", "accuracy / exact match", "reward", "KL to the reference (nats)"]
+
+
+def test_plot_writes_a_png_for_one_run_and_for_runs_overlaid(tmp_path):
+    one = plot([rl_run(tmp_path / "ppo")])
+    assert one == tmp_path / "ppo" / "curves.png"
+    assert one.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and one.stat().st_size > 10_000
+    sft = write_run(tmp_path / "sft", [{"step": s, "time": s, "loss": 2.0 / s} for s in range(1, 30)])
+    both = tmp_path / "both.png"
+    assert main([str(tmp_path / "ppo"), str(sft / "metrics.jsonl"), "--out", str(both)]) == 0
+    assert both.stat().st_size > 10_000
+
+
+def test_bad_input_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(MinituneError, match="no metrics.jsonl at"):
+        plot([tmp_path / "missing"])
+    empty = write_run(tmp_path / "empty", [{"step": 1, "time": 1.0, "lr": 0.1}])
+    with pytest.raises(MinituneError, match="nothing to plot"):
+        plot([empty])
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    assert main([str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1 is not a JSON line" in capsys.readouterr().err
