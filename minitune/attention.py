@@ -7,8 +7,9 @@ earlier tokens of its own document. Three ways to compute that, chosen per model
 - "sdpa": a dense boolean [B, 1, T, T] mask. Always available; it keeps SDPA off its fused causal
   kernels and costs T*T memory. Also the path for padding masks and KV-cache prefill/decode.
 - "segments": one causal SDPA call per document (varlen attention written as a loop). No mask, the
-  fused kernels, and no work across documents. The CPU default: 2.5x (T=2048) to 10x (T=8192)
-  faster than the dense mask there (benchmarks/packing.py).
+  fused kernels, and no work across documents. The CPU default for blocks of 1024+ tokens:
+  3x (T=2048) to 16x (T=8192) faster than the dense mask there (benchmarks/attention.py); below
+  that the per-call overhead loses to the small dense mask, which "auto" then picks.
 - "flex": `flex_attention` with a document block mask built once per forward; fully masked blocks
   are skipped. The CUDA default (compiled once; torch.compile of the layers composes with it).
 
@@ -112,7 +113,7 @@ def plan(q_len: int, kv_len: int, *, position_ids: torch.Tensor | None, padding_
     """What `attend` needs for one forward: None (causal), a dense mask, Segments or a BlockMask."""
     restarts = position_ids is not None and q_len == kv_len and has_restarts(position_ids)
     if restarts and padding_mask is None:
-        impl = resolve(impl, torch.device(device))
+        impl = resolve(impl, torch.device(device), q_len)
         if impl == AttentionImpl.SEGMENTS:
             return Segments.from_positions(position_ids)
         if impl == AttentionImpl.FLEX:
@@ -124,11 +125,20 @@ def plan(q_len: int, kv_len: int, *, position_ids: torch.Tensor | None, padding_
                       restarts=restarts)
 
 
-def resolve(impl: AttentionImpl, device: torch.device) -> AttentionImpl:
+# On CPU one SDPA call per document costs a fixed overhead per call, the dense mask costs T^2: the
+# loop wins from about this block length on (benchmarks/results/attention_packed_cpu.md: 0.61x the
+# dense mask's time at T=1024, 0.33x at 2048, 0.06x at 8192; 1.4-1.9x its time at 256-512).
+SEGMENTS_FROM_T = 1024
+
+
+def resolve(impl: AttentionImpl, device: torch.device, seq_len: int) -> AttentionImpl:
+    """What "auto" means for packed blocks of seq_len tokens on `device`."""
     impl = AttentionImpl(impl)
     if impl != AttentionImpl.AUTO:
         return impl
-    return AttentionImpl.FLEX if device.type == "cuda" else AttentionImpl.SEGMENTS
+    if device.type == "cuda":
+        return AttentionImpl.FLEX
+    return AttentionImpl.SEGMENTS if seq_len >= SEGMENTS_FROM_T else AttentionImpl.SDPA
 
 
 @functools.cache

@@ -8,7 +8,6 @@ from enum import Enum
 import torch
 
 from minitune.attention import AttentionImpl
-from minitune.attention import resolve as resolve_attention
 from minitune.data.formats import Template
 from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError, require
@@ -45,7 +44,7 @@ class ModelSection:
     quant: QuantConfig | None = None
     gradient_checkpointing: bool = False
     autocast: bool = False  # bf16 autocast on GPU; fp32 master weights
-    attention: AttentionImpl = AttentionImpl.AUTO  # packed blocks: auto (flex on CUDA, segments on CPU), sdpa, segments, flex
+    attention: AttentionImpl = AttentionImpl.AUTO  # packed blocks: auto (flex on CUDA; on CPU segments from 1024 tokens, else sdpa), sdpa, segments, flex
     compile: bool | None = None  # torch.compile of each decoder layer for training; None: on for CUDA, off on CPU
     offload_activations: bool = False  # with gradient checkpointing: each layer's kept input in CPU memory
 
@@ -57,9 +56,6 @@ class ModelSection:
         """Settles what depends on the device, before the config is printed and saved (the saved
         config is what ran). Returns notes on what changed."""
         notes = []
-        if self.attention == AttentionImpl.AUTO:
-            self.attention = resolve_attention(self.attention, device)
-            notes.append(f"model.attention auto -> {self.attention.value} on {device.type}")
         if self.compile is None:
             self.compile = device.type == "cuda"
             notes.append(f"model.compile auto -> {str(self.compile).lower()} on {device.type}")
