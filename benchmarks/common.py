@@ -24,9 +24,10 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def run_worker(script: Path, args: list[str], timeout: int = 3600) -> dict:
-    """Runs `python script --worker ...args` and returns the JSON it prints last."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def run_worker(script: Path, args: list[str], timeout: int = 3600, env: dict | None = None) -> dict:
+    """Runs `python script --worker ...args` (with `env` added to the environment) and returns the
+    JSON it prints last."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     res = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True,
                          timeout=timeout, env=env)
     if res.returncode != 0:

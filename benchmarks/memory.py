@@ -15,7 +15,8 @@ at growing sequence lengths (doubling from --seq, then bisecting to --sweep-step
 longest one whose peak stays under --budget-gib, as a table and a PNG (with matplotlib).
 
 Each configuration runs in a fresh process, so peak RSS (CPU) and max_memory_allocated (GPU) belong
-to that run alone. Random weights (memory and speed do not depend on values); the same checkpoint
+to that run alone; with --rounds N each library runs N times, alternating (a shared machine's speed
+drifts by 10-20% from minute to minute; alternating exposes both libraries to the same drift). Random weights (memory and speed do not depend on values); the same checkpoint
 folder feeds both libraries. Tokens/s: median of the timed steps after warm-up.
 
 FLOP accounting for MFU (per trained token, N = parameters in the linear layers, L layers, T seq,
@@ -208,7 +209,7 @@ def predict(a) -> float:
     lora = None if a.mode == "full" else LoRAConfig(r=a.rank, alpha=2 * a.rank, target_modules=tuple(a.targets.split(",")))
     plan = MemoryPlan(batch=a.batch, seq=a.seq, quant=quant, lora=lora, dtype=getattr(torch, a.dtype),
                       optimizer_state_bytes=2 if "8bit" in a.optim else 8, gradient_checkpointing=a.gc,
-                      ce_chunk=a.ce_chunk, device=a.device.split(":")[0])
+                      ce_chunk=a.ce_chunk, device=a.device.split(":")[0], compiled=a.compile, offload=a.offload)
     return estimate(cfg, plan)["peak"] / 2**30
 
 
@@ -249,6 +250,11 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compare-hf", action="store_true")
+    ap.add_argument("--live-peak", action="store_true",
+                    help="CPU: one more minitune run with MALLOC_MMAP_THRESHOLD_=131072 (freed tensors go back to the "
+                         "OS, so peak RSS is the live tensors' peak, what the predictor models)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs per library, alternating; tokens/s is their median, peak their maximum")
     ap.add_argument("--path", default=None, help="checkpoint folder (default: the demo model for smollm2-135m, else random)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--name", default=None)
@@ -273,26 +279,38 @@ def main(argv=None):
         return sweep(a, argv)
     rows = []
     libs = ["minitune"] + (["transformers+peft"] if a.compare_hf else [])
+    runs: dict[str, list[dict]] = {lib: [] for lib in libs}
+    for _ in range(a.rounds):  # alternating, so that a slow spell of the machine hits both libraries
+        for lib in libs:
+            runs[lib].append(run_worker(Path(__file__), passthrough(a) + [f"--lib={'minitune' if lib == 'minitune' else 'hf'}"]))
     for lib in libs:
-        r = run_worker(Path(__file__), passthrough(a) + [f"--lib={'minitune' if lib == 'minitune' else 'hf'}"])
-        mem = r.get("peak_alloc_gib", r["peak_rss_gib"])
+        rs = runs[lib]
+        tok_s = statistics.median(r["tokens_per_s"] for r in rs)
+        mem = max(r.get("peak_alloc_gib", r["peak_rss_gib"]) for r in rs)
         row = {"library": lib, "model": a.model, "mode": a.mode, "B x T": f"{a.batch}x{a.seq}", "gc": a.gc,
-               "packed": a.packed, "tokens/s": r["tokens_per_s"], "peak GiB": mem, "first step s": r["first_step_s"]}
+               "packed": a.packed, "tokens/s": tok_s, "peak GiB": mem, "first step s": rs[0]["first_step_s"]}
+        if a.rounds > 1:
+            row["tokens/s per round"] = " / ".join(f"{r['tokens_per_s']:.0f}" for r in rs)
         if lib == "minitune":
             row["options"] = options(a)
-        if lib == "minitune":
             row["predicted GiB"] = predict(a)
             row["pred/meas"] = row["predicted GiB"] / mem
-        m = mfu(a, r["tokens_per_s"])
+            if a.live_peak and a.device == "cpu":
+                live = run_worker(Path(__file__), passthrough(a) + ["--lib=minitune"],
+                                  env={"MALLOC_MMAP_THRESHOLD_": "131072"})["peak_rss_gib"]
+                row["live peak GiB"] = live
+                row["pred/live"] = row["predicted GiB"] / live
+        m = mfu(a, tok_s)
         if m is not None:
             row["MFU"] = m
-            row["reserved GiB"] = r["peak_reserved_gib"]
+            row["reserved GiB"] = max(r["peak_reserved_gib"] for r in rs)
         rows.append(row)
     if len(rows) == 2:
         rows.append({"library": "minitune / HF", "tokens/s": rows[0]["tokens/s"] / rows[1]["tokens/s"],
                      "peak GiB": rows[0]["peak GiB"] / rows[1]["peak GiB"]})
     cols = ["library", "model", "mode", "B x T", "gc", "packed", "options", "tokens/s", "peak GiB", "first step s",
-            "predicted GiB", "pred/meas"]
+            "predicted GiB", "pred/meas"] + (["live peak GiB", "pred/live"] if a.live_peak else []) \
+        + (["tokens/s per round"] if a.rounds > 1 else [])
     if any("MFU" in r for r in rows):
         cols += ["MFU", "reserved GiB"]
     name = a.name or (f"memory_{a.model}_{a.mode}_{a.batch}x{a.seq}{'_gc' if a.gc else ''}{'_packed' if a.packed else ''}"

@@ -8,14 +8,20 @@ peak = weights + trainable state + activations + logits/loss buffers + runtime o
 - trainable state: LoRA A and B (r*(in+out) per wrapped linear) in fp32, their gradients, and the
   optimizer moments (AdamW: 8 bytes/param, 8-bit AdamW: 2 bytes/param). Full fine-tuning: every
   parameter with gradient and moments.
-- activations saved for backward per token per layer, in the compute dtype: residual/norm inputs,
-  q/k/v and attention output, MLP gate/up/act/product (about 10*D + 2*kvD + 4*I values), plus the
-  LoRA inputs. With gradient checkpointing: one hidden state per layer, plus one layer's full
+- activations saved for backward per token per layer, in the compute dtype: 6*D + 2*kvD + 4*I
+  values (3*I with compiled layers) plus the attention's logsumexp and the LoRA rank-r
+  intermediates (measured with saved-tensor hooks; see `estimate`). With gradient checkpointing:
+  one hidden state per layer (none on the accelerator when offloaded), plus one layer's full
   activations while it is recomputed.
 - logits: [B, T, V] in the compute dtype plus the fp32 copy and its gradient (or one chunk of
   `ce_chunk` tokens with the fused linear + cross-entropy).
 - overhead: CPU: the Python/torch process itself; GPU: the CUDA context is not counted by
   max_memory_allocated, but allocator slack is (~5%).
+
+On CPU this predicts the live tensors. Peak RSS is higher by what glibc's allocator keeps after
+tensors are freed (heap fragmentation, up to ~1.7x on an eager SmolLM2 step); with
+`MALLOC_MMAP_THRESHOLD_=131072` freed tensors return to the OS and peak RSS meets the prediction
+(benchmarks/memory.py --live-peak), at a ~35% speed cost from page faults.
 """
 from __future__ import annotations
 
@@ -48,8 +54,10 @@ class MemoryPlan:
     gradient_checkpointing: bool = False
     ce_chunk: int = 0
     device: str = "cpu"
+    compiled: bool = False  # compiled layers keep fewer activations (inductor recomputes the SwiGLU product)
+    offload: bool = False  # with gradient checkpointing: the kept layer inputs live in host memory
 
-CPU_PROCESS_BYTES = int(0.42 * GiB)  # python + torch + bitsandbytes + tokenizers, measured on this CPU
+CPU_PROCESS_BYTES = int(0.36 * GiB)  # python + torch + minitune: RSS after loading SmolLM2 minus its weights, this CPU
 
 
 def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -86,16 +94,22 @@ def estimate(c: ModelConfig, p: MemoryPlan) -> dict[str, int]:
     else:
         trainable = lora_params * (4 + 4 + opt_bytes)
     tokens = p.batch * p.seq
-    per_layer = (10 * D + 2 * kvD + 4 * I) * b + (sum(i for n, (i, _) in shapes.items() if n in targets) + 2 * r * len(targets)) * b
+    # Saved for backward per token per layer, measured with saved-tensor hooks on three shapes
+    # (D/kvD/I = 576/192/1536, 512/512/2048, 1024/128/2816), fitted exactly by: residual input, two
+    # norm outputs and rsqrt, q (post-RoPE), attention output and its reshaped copy = 6 D; k and v
+    # = 2 kvD; gate, up, silu(gate), product = 4 I (compiled: 3 I); the attention's logsumexp (nh)
+    # and each LoRA's rank-r intermediate.
+    per_layer = (6 * D + 2 * kvD + (3 if p.compiled else 4) * I + c.num_attention_heads + r * len(targets)) * b
     if p.gradient_checkpointing:
-        acts = tokens * (L * D * b + per_layer)
+        kept = 0 if p.offload and p.device != "cpu" else L * D * b
+        acts = tokens * (kept + per_layer)
     else:
         acts = tokens * L * per_layer
-    # attention scores are never materialized by SDPA's fused kernels on GPU; the CPU math path does.
-    if p.device == "cpu":
-        acts += p.batch * c.num_attention_heads * p.seq * p.seq * b * (1 if p.gradient_checkpointing else L)
-    logit_tokens = min(tokens, p.ce_chunk) if p.ce_chunk else tokens  # the fused loss: one chunk of tokens
-    logits = logit_tokens * V * (b + 4 + 4)
+    acts += tokens * 2 * c.head_dim * b  # RoPE cos/sin, shared by the layers
+    if p.ce_chunk:  # the fused loss: one chunk's fp32 logits and exp buffer (+ its compute-dtype copies)
+        logits = min(tokens, p.ce_chunk) * V * (4 + 4 + (2 * b if b != 4 else 0))
+    else:  # logits in the compute dtype, the fp32 copy, log-softmax and its gradient
+        logits = tokens * V * (b + 4 + 4)
     overhead = CPU_PROCESS_BYTES if p.device == "cpu" else int(0.05 * (weights + trainable + acts + logits))
     parts = {"weights": int(weights), "trainable_state": int(trainable), "activations": int(acts),
              "logits": int(logits), "overhead": int(overhead)}

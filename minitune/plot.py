@@ -37,6 +37,7 @@ def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float
     if not f.is_file():
         raise MinituneError(f"no metrics.jsonl at {path}; pass a run's output_dir or its metrics.jsonl")
     series: dict[str, list[tuple[int, float]]] = {}
+    summaries = []
     for n, line in enumerate(f.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -45,13 +46,31 @@ def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float
         except json.JSONDecodeError:
             raise MinituneError(f"{f}:{n} is not a JSON line") from None
         step = row.get("step")
-        if "final_step" in row or not isinstance(step, int):
-            continue  # the run's closing summary repeats values already logged
+        if "final_step" in row:
+            summaries.append(row)
+            continue
+        if not isinstance(step, int):
+            continue
         for k, v in row.items():
-            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            if k not in ("step", "time") and _number(v):
                 series.setdefault(k, []).append((step, float(v)))
+    # The closing summary holds the final evaluation (e.g. SFT's eval_loss, accuracy_after): it
+    # extends the series logged during the run, without repeating a point already there.
+    for row in summaries:
+        step = row["final_step"]
+        for k, v in row.items():
+            if k.endswith("_before") or not _number(v):
+                continue
+            key = k.removesuffix("_after")
+            pts = series.get(key)
+            if pts and all(s != step for s, _ in pts):
+                pts.append((step, float(v)))
     name = (f.parent if f.name == "metrics.jsonl" else f).name
     return name, series
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def panels_for(runs: list[tuple[str, dict]]) -> list[tuple[str, list[str]]]:

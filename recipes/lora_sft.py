@@ -196,6 +196,7 @@ def train(cfg: SFTConfig) -> dict:
 
     # 5. The loop: micro-steps -> token-normalized loss -> clip -> finite check -> step -> log / eval / save.
     it = iter(train_ds)
+    first_step = step
     bar = progress_bar(total_steps, step, info, cfg.run, "sft")
     model.train()
     with StopSignal() as stop:
@@ -227,6 +228,10 @@ def train(cfg: SFTConfig) -> dict:
                 step += 1
                 dt = time.perf_counter() - t0
                 lr = sched.get_last_lr()[0]
+                if cfg.model.compile and step == first_step + 1:
+                    summary["first_step_s"] = dt
+                    if info.is_main:
+                        print(f"first step {dt:.1f} s (includes compiling the decoder layers)")
                 if info.is_main and step % cfg.run.log_every == 0:
                     log.log(step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens_per_step / dt,
                             trained_tokens=int(n_tokens.item()))

@@ -28,6 +28,12 @@ def test_panels_follow_the_logged_metrics_and_the_summary_line_is_not_a_point(tm
     name, series = read_metrics(rl_run(tmp_path / "ppo"))
     assert name == "ppo"
     assert series["eval_exact_match"] == [(0, 0.63), (8, 0.65)]  # the closing summary is not a third point
+    sft = write_run(tmp_path / "sft", [{"step": 0, "time": 0.0, "eval_loss": 1.39}, {"step": 0, "time": 0.0, "accuracy": 0.0},
+                                       {"step": 1, "time": 1.0, "loss": 1.6},
+                                       {"step": 1, "time": 2.0, "final_step": 1, "eval_loss": 0.3, "accuracy_before": 0.0,
+                                        "accuracy_after": 0.6, "steps": 1}])
+    _, s = read_metrics(sft)  # SFT logs its final evaluation only in the summary
+    assert s["eval_loss"] == [(0, 1.39), (1, 0.3)] and s["accuracy"] == [(0, 0.0), (1, 0.6)] and "steps" not in s
     titles = [t for t, _ in panels_for([(name, series)])]
     assert titles == ["training loss", "accuracy / exact match", "reward", "KL to the reference (nats)"]
 

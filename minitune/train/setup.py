@@ -160,7 +160,8 @@ def check_memory(base: Transformer, model: ModelSection, lora: LoRAConfig | None
     eight_bit = optim.name in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT)
     plan = MemoryPlan(batch=batch, seq=seq, quant=model.quant, lora=lora, dtype=model.torch_dtype,
                       optimizer_state_bytes=2 if eight_bit else 8, gradient_checkpointing=model.gradient_checkpointing,
-                      ce_chunk=ce_chunk, device=device.type)
+                      ce_chunk=ce_chunk, device=device.type, compiled=bool(model.compile),
+                      offload=model.offload_activations)
     return check_fits(base.config, plan, enforce=run.memory_check, report=print if info.is_main else None)
 
 
