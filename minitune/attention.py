@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,9 +109,17 @@ def _block_mask(position_ids: torch.Tensor):
     return create_block_mask(same_document_causal, B, None, T, T, device=doc.device)
 
 
+class DocumentMask(NamedTuple):
+    """The dense mask of packed documents without padding (training on packed blocks): GQA can go
+    through SDPA's `enable_gqa` here, as on the unmasked path."""
+
+    mask: torch.Tensor
+
+
 def plan(q_len: int, kv_len: int, *, position_ids: torch.Tensor | None, padding_mask: torch.Tensor | None,
          impl: AttentionImpl, device):
-    """What `attend` needs for one forward: None (causal), a dense mask, Segments or a BlockMask."""
+    """What `attend` needs for one forward: None (causal), a padding mask (dense tensor), a
+    DocumentMask, Segments or a BlockMask."""
     restarts = position_ids is not None and q_len == kv_len and has_restarts(position_ids)
     if restarts and padding_mask is None:
         impl = resolve(impl, torch.device(device), q_len)
@@ -121,6 +130,8 @@ def plan(q_len: int, kv_len: int, *, position_ids: torch.Tensor | None, padding_
                 raise MinituneError("model.attention=flex trains only on CUDA (flex_attention has no CPU "
                                     "backward); use model.attention=auto or segments on CPU")
             return _block_mask(position_ids)
+        return DocumentMask(dense_mask(q_len, kv_len, position_ids=position_ids, padding_mask=None, device=device,
+                                       restarts=True))
     return dense_mask(q_len, kv_len, position_ids=position_ids, padding_mask=padding_mask, device=device,
                       restarts=restarts)
 
@@ -153,15 +164,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, Segments):
         return _attend_segments(q, k, v, mask)
+    if isinstance(mask, DocumentMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, enable_gqa=gqa)
     if mask is not None and not torch.is_tensor(mask):  # a flex BlockMask
         from torch.nn.attention.flex_attention import flex_attention
 
         fn = _flex_compiled() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
-    is_causal = mask is None and q.shape[2] > 1 and k.shape[2] == q.shape[2]
-    # GQA inside SDPA: each kv head serves n_head // n_kv query heads without a repeated copy of K/V
-    # (which autograd would also keep for the backward).
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    if mask is None:
+        # GQA inside SDPA: each kv head serves n_head // n_kv query heads without a repeated copy of
+        # K/V (which autograd would also keep for the backward).
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1 and k.shape[2] == q.shape[2],
+                                              enable_gqa=gqa)
+    if gqa:
+        # Under a padding mask (reward, DPO, PPO, prefill) K/V are repeated, as the published RL results were
+        # computed: SDPA's own GQA backward sums the group's gradients in another order, and RL
+        # trajectories amplify that rounding (the toy PPO test's KL went from <= 8.1 to 10.1).
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @torch.compiler.disable  # lengths are data: a compiled layer calls this eagerly instead of recompiling
