@@ -3,7 +3,8 @@
 Compiling the repeated block instead of the whole model (as torchtune and torchtitan do) keeps the
 compile time to about one layer's (the layers share one compiled graph) and composes with what
 wraps the layers: LoRA and 4-bit linears inside them, activation checkpointing and CPU offloading
-around them (applied after this), DDP and FSDP2 around the model.
+around them (applied after this; tested), DDP and FSDP2 around the model (`finish_model` applies
+it first; not yet tested under torchrun).
 
 Only forwards that build a graph for backward run compiled. Evaluation and generation (no grad)
 take the eager layer, so their varying prompt and cache shapes cause no recompilation; the decode
