@@ -19,7 +19,7 @@ peak = weights + trainable state + activations + logits/loss buffers + runtime o
   max_memory_allocated, but allocator slack is (~5%).
 
 On CPU this predicts the live tensors. Peak RSS is higher by what glibc's allocator keeps after
-tensors are freed (heap fragmentation, up to ~1.7x on an eager SmolLM2 step); with
+tensors are freed (heap fragmentation, ~1.9x on an eager SmolLM2 step, ~1.3x compiled); with
 `MALLOC_MMAP_THRESHOLD_=131072` freed tensors return to the OS and peak RSS meets the prediction
 (benchmarks/memory.py --live-peak), at a ~35% speed cost from page faults.
 """

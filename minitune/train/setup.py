@@ -205,7 +205,8 @@ def attach_policy(base: Transformer, init: Path | None, lora: LoRAConfig) -> Cal
 
 def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: DistInfo,
                  head: nn.Module | None = None) -> nn.Module:
-    """Attention path, compiled layers, gradient checkpointing (and offloading), then DDP or FSDP2 around the model, or around `WithHead(model, head)`
+    """Attention path, compiled layers, gradient checkpointing (and offloading), then DDP or FSDP2
+    around the model, or around `WithHead(model, head)`
     when a trainable head is given (so its gradients are synchronized like the adapter's). Returns the
     module to call in the training step."""
     set_attention(model, m.attention)
