@@ -22,6 +22,7 @@ from minitune.lora import LoRAConfig, LoRALinear, _is_linear, lora_layers
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+METADATA_NAME = "minitune.json"  # how the adapter was trained (prompt rendering); not read by PEFT
 
 
 def adapter_state_dict(model: nn.Module, name: str, materialize=lambda t: t) -> dict[str, torch.Tensor]:
@@ -62,12 +63,14 @@ def save_adapter(
     task_type: str = "CAUSAL_LM",
     modules_to_save: list[str] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    metadata: dict | None = None,
 ) -> Path:
     """Writes adapter `name` in PEFT format (atomically). `extra_tensors` are saved under
     `base_model.model.<key>`; unless `modules_to_save` says otherwise, the modules they belong to
     (`score` for "score.weight") are listed as PEFT's modules_to_save. `state_dict` may pass
-    already-gathered tensors (sharded training). Raises if the adapter would be empty or has an
-    empty tensor (peft #286)."""
+    already-gathered tensors (sharded training). `metadata` (how the adapter was trained, e.g. its
+    prompt rendering) goes to minitune.json beside the PEFT files, which PEFT ignores. Raises if the
+    adapter would be empty or has an empty tensor (peft #286)."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     sd = dict(state_dict) if state_dict is not None else adapter_state_dict(model, name)
@@ -90,7 +93,15 @@ def save_adapter(
     }
     atomic_save_safetensors(sd, out / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_text(out / CONFIG_NAME, json.dumps(config, indent=2))
+    if metadata:
+        atomic_write_text(out / METADATA_NAME, json.dumps(metadata, indent=2))
     return out
+
+
+def read_adapter_metadata(folder: str | os.PathLike) -> dict:
+    """What `save_adapter(metadata=...)` recorded; {} for adapters saved without it (or by PEFT)."""
+    path = Path(folder) / METADATA_NAME
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def read_adapter_config(folder: Path) -> LoRAConfig:

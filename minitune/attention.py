@@ -119,7 +119,13 @@ class DocumentMask(NamedTuple):
 def plan(q_len: int, kv_len: int, *, position_ids: torch.Tensor | None, padding_mask: torch.Tensor | None,
          impl: AttentionImpl, device):
     """What `attend` needs for one forward: None (causal), a padding mask (dense tensor), a
-    DocumentMask, Segments or a BlockMask."""
+    DocumentMask, Segments or a BlockMask. A boolean [B, 1, q_len, kv_len] `padding_mask` is an
+    explicit mask and is used as it is (shared-prompt preference pairs, `data/pair_layout.py`)."""
+    if padding_mask is not None and padding_mask.dim() == 4:
+        if padding_mask.dtype != torch.bool or padding_mask.shape[-2:] != (q_len, kv_len):
+            raise MinituneError(f"an explicit attention mask must be bool [B, 1, {q_len}, {kv_len}], got "
+                                f"{padding_mask.dtype} {tuple(padding_mask.shape)}")
+        return padding_mask
     restarts = position_ids is not None and q_len == kv_len and has_restarts(position_ids)
     if restarts and padding_mask is None:
         impl = resolve(impl, torch.device(device), q_len)

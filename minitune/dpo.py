@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from minitune.data.packing import IGNORE
+from minitune.data.pair_layout import PairLayout
 
 
 class DPOLossType(str, Enum):
@@ -39,15 +39,17 @@ class DPOOutput(NamedTuple):
     rejected_rewards: torch.Tensor
 
 
-def response_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob [N], response token count [N]) of `labels` under `logits`.
+def response_logprobs(logits: torch.Tensor, layout: PairLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-prob [2N], response token count [2N]) of each side of a shared-prompt pair layout
+    (chosen sides first, then rejected; `minitune.data.pair_layout`).
 
-    logits: [N, S, V] where logits[:, t] predicts labels[:, t] (labels already shifted to align);
-    labels: [N, S] with IGNORE (-100) on prompt and padding positions, which contribute nothing.
+    logits: [M, V], the model's output at `layout.predictors` (`logits_at=`): row m predicts
+    `layout.targets[m]`, a response token of side `layout.sides[m]`. Prompt tokens are never scored.
     """
-    keep = labels != IGNORE
-    lp = F.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return (lp * keep).sum(-1), keep.sum(-1)
+    lp = F.log_softmax(logits.float(), -1).gather(-1, layout.targets[:, None])[:, 0]
+    n = 2 * layout.n_pairs
+    summed = lp.new_zeros(n).index_add(0, layout.sides, lp)
+    return summed, torch.bincount(layout.sides, minlength=n)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -321,6 +321,7 @@ class Transformer(nn.Module):
         cache_pos: int | torch.Tensor = 0,
         return_logits: bool = True,
         logits_from: int = 0,
+        logits_at: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Runs the decoder.
@@ -331,7 +332,10 @@ class Transformer(nn.Module):
         `setup_cache`). Static decode: cache_pos a LongTensor [T] of cache slots and attention_mask
         a bool [B, max_len] over the whole cache, True where a key may be attended (written slots,
         not pads, the new tokens included); position_ids are then required. Returns logits [B, T - logits_from, V] and the final hidden states [B, T, D];
-        `logits_from` skips the output projection where no prediction is needed (PPO's prompt part).
+        `logits_from` skips the output projection where no prediction is needed (PPO's prompt part);
+        `logits_at` ([M] flat indices into the B*T positions) projects only those: logits [M, V].
+        attention_mask may also be an explicit bool mask [B, 1, T, S] (True = attend; see
+        `minitune.data.pair_layout`).
         """
         B, T = input_ids.shape
         static = torch.is_tensor(cache_pos)
@@ -349,6 +353,8 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         h = self.model.norm(x)
+        if logits_at is not None:
+            return ModelOutput(self.lm_head(h.flatten(0, 1)[logits_at]), h)
         return ModelOutput(self.lm_head(h[:, logits_from:] if logits_from else h) if return_logits else None, h)
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitune.adapters import load_adapter
+from minitune.adapters import load_adapter, read_adapter_metadata
+from minitune.data.pair_layout import PairLayout
 from minitune.errors import MinituneError
 from minitune.generate import positions_from_mask
 
@@ -67,6 +68,16 @@ def sequence_rewards(model, head: RewardHead | None, input_ids: torch.Tensor, at
     return head(pick(model(input_ids, pos, attention_mask, return_logits=False).hidden))
 
 
+def pair_rewards(model, head: RewardHead | None, layout: PairLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards [N] of pairs laid out with their prompt shared (one forward for
+    both sides; `minitune.data.pair_layout`). `head` as in `sequence_rewards`."""
+    at = layout.last.flatten()
+    pick = lambda hidden: hidden.flatten(0, 1)[at]  # noqa: E731
+    args = (layout.input_ids, layout.position_ids, layout.mask)
+    r = model(*args, return_logits=False, head_on=pick)[1] if head is None else head(pick(model(*args, return_logits=False).hidden))
+    return r[: layout.n_pairs], r[layout.n_pairs:]
+
+
 class PairMetrics(NamedTuple):
     loss: torch.Tensor  # scalar, mean over pairs
     accuracy: torch.Tensor  # share of pairs with r_chosen > r_rejected
@@ -92,3 +103,18 @@ def load_reward_adapter(model: nn.Module, folder: str | os.PathLike, name: str =
     head.load(extra)
     head.requires_grad_(False)
     return head
+
+
+def check_rendering(folder: str | os.PathLike, rendering: str) -> None:
+    """Refuses a reward adapter trained on prompts rendered otherwise than the prompts it is about to
+    score (`minitune.data.prompts.prompt_rendering`): its scores would not mean what they meant in
+    training. An adapter that does not record its rendering (older, or made elsewhere) gets a note."""
+    trained = read_adapter_metadata(folder).get("rendering")
+    if trained is None:
+        print(f"note: reward adapter {folder} does not record how its prompts were rendered; "
+              f"these prompts are rendered as {rendering!r}")
+        return
+    if trained != rendering:
+        fix = {"hh-raw": "data.hh_chat=false", "hh-chat": "data.hh_chat=true"}.get(trained, f"the {trained!r} rendering")
+        raise MinituneError(f"reward.adapter {folder} was trained on prompts rendered as {trained!r}, but data renders "
+                            f"them as {rendering!r}; use {fix}, or train the reward model on this rendering")

@@ -10,8 +10,8 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from minitune.data.loading import load_rows
-from minitune.data.preference import split_hh
-from minitune.data.prompts import encode_prompts
+from minitune.data.preference import hh_messages, split_hh
+from minitune.data.prompts import encode_prompts, prompt_rendering
 from minitune.data.synthetic import train_eval_split
 from minitune.errors import MinituneError
 from minitune.generate import GenerationOutput, generate, left_pad, positions_from_mask
@@ -22,11 +22,11 @@ from minitune.tokenizer import Tokenizer
 from minitune.train.sections import GenSection
 
 
-def load_prompts(d, seed: int) -> tuple[list[str], list]:
+def load_prompts(d, seed: int, tok: Tokenizer | None = None) -> tuple[list[str], list]:
     """(prompts, reference answers or None) for rollouts from a DataSection: the synthetic task's
     training split (its held-out split is never returned; `max_rows` keeps its first rows), hh-rlhf
-    dialogues cut before the last answer, or a prompt column (with a "reference" column when the
-    file has one)."""
+    dialogues cut before the last answer (with `data.hh_chat`, rendered through `tok`'s chat
+    template), or a prompt column (with a "reference" column when the file has one)."""
     if d.source == "synthetic":
         train, _ = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=seed)
         train = train[: d.max_rows] if d.max_rows else train  # a pool smaller than the split it comes from
@@ -34,6 +34,8 @@ def load_prompts(d, seed: int) -> tuple[list[str], list]:
     if d.hh_format:
         rows = load_rows(d.source, columns=[d.chosen_column, d.rejected_column])
         prompts = [split_hh(r[d.chosen_column], r[d.rejected_column]).prompt for r in rows]
+        if d.hh_chat:
+            prompts = [tok.apply_chat_template(hh_messages(p), add_generation_prompt=True) for p in prompts]
     else:
         rows = load_rows(d.source, columns=[d.prompt_column])
         prompts = list(rows[d.prompt_column])
@@ -122,3 +124,22 @@ def sampled_logprobs(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: i
     distribution they were sampled from; logits only over the response (none over the prompt)."""
     out = model(seq, positions_from_mask(mask), mask, logits_from=prompt_len - 1)
     return logprobs_from_logits(out.logits[:, :-1], seq[:, prompt_len:], temperature)
+
+
+def prompts_use_chat(d) -> bool:
+    """Whether rollout prompts go through the chat template as one user message (a prompt column
+    under `data.template: chat`, and the synthetic task); hh dialogues are rendered whole by
+    `load_prompts` instead."""
+    return d.template.value == "chat" and not d.hh_format
+
+
+def check_reward_adapter(d, folder: str) -> None:
+    """Before any model loads: the reward adapter was trained on prompts rendered as these are."""
+    from pathlib import Path
+
+    from minitune.reward import check_rendering
+
+    if not (Path(folder) / "adapter_config.json").exists():
+        raise MinituneError(f"reward.adapter {folder}: no adapter_config.json there; train one with "
+                            "recipes/reward_model.py (its output_dir/adapter)")
+    check_rendering(folder, prompt_rendering(d, chat=prompts_use_chat(d)))

@@ -7,9 +7,10 @@
 No second model: the reference is the same base with the adapters disabled or, when starting from
 an adapter (`init_adapter`, e.g. the SFT one), a frozen copy of that adapter loaded beside the
 trainable policy copy; its log-probs are computed under no-grad in the same step. Chosen and
-rejected go through one forward; sequence log-probs sum over response tokens only (the
-prompt/response boundary comes from tokenizing them separately). `data.seq_length` bounds
-prompt + response (longer pairs lose the prompt's oldest tokens, then the response's end; counted).
+rejected go through one forward that computes their shared prompt once (`minitune.data.pair_layout`);
+sequence log-probs sum over response tokens only (the prompt/response boundary comes from
+tokenizing them separately). `data.seq_length` bounds prompt + response (longer pairs lose the
+prompt's oldest tokens, the same for both sides, then the response's end; counted).
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.preference import (LabeledPairBatch, collate_labeled_pairs, load_preference_pairs, pair_batches,
-                                      tokenize_pair_with_prompt_length)
+from minitune.data.pair_layout import PairLayout, layout_pairs, tokenize_shared_pair
+from minitune.data.preference import load_preference_pairs, pair_batches
 from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.dpo import DPOLossType, dpo_loss, response_logprobs
 from minitune.errors import MinituneError, require
 from minitune.evaluation import greedy_accuracy
-from minitune.generate import positions_from_mask
 from minitune.lora import LoRAConfig
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
@@ -72,36 +72,37 @@ class DPOConfig:
 
 
 def tokenize(pairs, tok, cfg: DPOConfig, stats):
-    return [tokenize_pair_with_prompt_length(p, tok, cfg.data.seq_length, stats) for p in pairs]
+    return [tokenize_shared_pair(p, tok, cfg.data.seq_length, stats) for p in pairs]
 
 
-def sequence_logps(model, batch: LabeledPairBatch, loss: DPOLossType) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs [2B] as the loss compares them, summed log-probs [2B]) of each row's response:
-    summed for DPO and robust, mean per response token for IPO."""
-    mask = batch.attention_mask
-    logits = model(batch.input_ids, positions_from_mask(mask), mask).logits
-    summed, count = response_logprobs(logits, batch.labels)
+def sequence_logps(model, layout: PairLayout, loss: DPOLossType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [2N] as the loss compares them, summed log-probs [2N]) of each side's response,
+    chosen sides first: summed for DPO and robust, mean per response token for IPO. One forward
+    computes the prompt once for both sides and projects only the positions that predict a
+    response token."""
+    logits = model(layout.input_ids, layout.position_ids, layout.mask, logits_at=layout.predictors).logits
+    summed, count = response_logprobs(logits, layout)
     return (summed / count.clamp(min=1) if loss == DPOLossType.IPO else summed), summed
 
 
 def pair_metrics(model, reference, pairs, cfg: DPOConfig, pad_id: int, device, *, grad: bool):
     """(mean loss to backpropagate, sums tensor [loss, chosen reward, rejected reward, correct, kl, n])
     for one batch of tokenized pairs."""
-    batch = LabeledPairBatch(*(t.to(device) for t in collate_labeled_pairs(pairs, pad_id)))
+    layout = layout_pairs(pairs, pad_id).to(device)
     n = len(pairs)
     with torch.set_grad_enabled(grad):
-        logps, summed = sequence_logps(model, batch, cfg.dpo.loss)
+        logps, summed = sequence_logps(model, layout, cfg.dpo.loss)
     base = unwrap(model)
     was_training = base.training
     with torch.no_grad(), reference():
         base.eval()  # the reference is deterministic: no adapter dropout
-        ref_logps, ref_summed = sequence_logps(base, batch, cfg.dpo.loss)
+        ref_logps, ref_summed = sequence_logps(base, layout, cfg.dpo.loss)
     base.train(was_training)
     out = dpo_loss(logps[:n], logps[n:], ref_logps[:n], ref_logps[n:], beta=cfg.dpo.beta, loss_type=cfg.dpo.loss,
                    label_smoothing=cfg.dpo.label_smoothing)
     loss = out.losses.mean()
     if cfg.dpo.sft_weight:
-        chosen_tokens = (batch.labels[:n] != -100).sum().clamp(min=1)
+        chosen_tokens = (layout.sides < n).sum().clamp(min=1)
         loss = loss + cfg.dpo.sft_weight * (-summed[:n].sum() / chosen_tokens)
     kl = (summed - ref_summed).detach().mean()  # KL proxy: policy minus reference log-prob per sequence
     sums = torch.stack([out.losses.detach().sum(), out.chosen_rewards.sum(), out.rejected_rewards.sum(),

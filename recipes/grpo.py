@@ -26,8 +26,8 @@ from minitune.evaluation import exact_match_report, format_report
 from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
-from minitune.rollout import (Rollout, load_prompts, resolve_reward_fn, sample_rollout, sampled_logprobs,
-                              score_rollout)
+from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
+                              sample_rollout, sampled_logprobs, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection, RewardSource,
@@ -147,9 +147,11 @@ def train(cfg: GRPOConfig) -> dict:
     # 1. Set-up: the start adapter (checked before anything loads), process group, output folder.
     init = resolve_init_adapter(cfg.init_adapter, cfg.model.path)
     reward_fn = None if cfg.reward.adapter else resolve_reward_fn(cfg.reward.function)
+    if cfg.reward.adapter:
+        check_reward_adapter(cfg.data, cfg.reward.adapter)
     ctx = start_run(cfg)
     info, device, out_dir, resume, tok, log, _ = ctx
-    prompts, refs = load_prompts(cfg.data, cfg.run.seed)
+    prompts, refs = load_prompts(cfg.data, cfg.run.seed, tok)
     order = list(range(len(prompts)))
     random.Random(cfg.run.seed).shuffle(order)
     mine = order[info.rank::info.world_size]
@@ -197,7 +199,7 @@ def train(cfg: GRPOConfig) -> dict:
     if held_out and step == 0:
         evaluate(0)
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "grpo")
-    chat, system = cfg.data.template.value == "chat", SYSTEM if cfg.data.source == "synthetic" else None
+    chat, system = prompts_use_chat(cfg.data), SYSTEM if cfg.data.source == "synthetic" else None
     G = cfg.grpo.group_size
     with StopSignal() as stop:
         while step < cfg.run.max_steps:

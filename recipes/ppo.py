@@ -27,7 +27,8 @@ from minitune.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, 
                           ValueHead, explained_variance, leave_one_out_baseline, ppo_update, response_diversity,
                           trajectory)
 from minitune.reward import load_reward_adapter
-from minitune.rollout import Rollout, load_prompts, resolve_reward_fn, sample_rollout, score_rollout
+from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
+                              sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection,
@@ -137,6 +138,8 @@ def check_config(cfg: PPOConfig) -> None:
 def train(cfg: PPOConfig) -> dict:
     check_config(cfg)
     init = resolve_init_adapter(cfg.init_adapter, cfg.model.path)
+    if cfg.reward.adapter:
+        check_reward_adapter(cfg.data, cfg.reward.adapter)
     # 0. Set-up: process group, output folder, resume point, the one shared base.
     ctx = start_run(cfg)
     info, device, out_dir, resume, tok, log, _ = ctx
@@ -157,7 +160,7 @@ def train(cfg: PPOConfig) -> dict:
         print(f"policy starts from {init or 'a fresh adapter'}; reference = {'adapter copy' if init else 'base'}; "
               f"reward = {cfg.reward.adapter or cfg.reward.function}")
 
-    prompts, refs = load_prompts(cfg.data, cfg.run.seed)
+    prompts, refs = load_prompts(cfg.data, cfg.run.seed, tok)
     mine = list(range(info.rank, len(prompts), info.world_size))
     opt = build_optimizer(model.parameters(), cfg.optim)
     kl_ctl = (AdaptiveKLController(cfg.ppo.init_kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.adaptive_kl
@@ -196,7 +199,7 @@ def train(cfg: PPOConfig) -> dict:
             picked = [mine[(cursor + i) % len(mine)] for i in range(cfg.ppo.rollout_batch // k)]
             cursor += len(picked)
             ro = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen, k=k,
-                                rng=rng, chat=cfg.data.template.value == "chat",
+                                rng=rng, chat=prompts_use_chat(cfg.data),
                                 system=SYSTEM if cfg.data.source == "synthetic" else None, device=device)
             # 2-5. Scores, policy/reference log-probs and values, per-token rewards, advantages.
             traj, raw, non_score = make_trajectory(cfg, ro, policy, reference, reward_head, reward_fn, moments,

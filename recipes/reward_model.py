@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.preference import collate_pairs, load_preference_pairs, pair_batches, tokenize_pair
+from minitune.data.pair_layout import layout_pairs, tokenize_shared_pair
+from minitune.data.preference import load_preference_pairs, pair_batches
+from minitune.data.prompts import prompt_rendering
 from minitune.distributed import all_reduce_sum
 from minitune.errors import MinituneError
 from minitune.lora import LoRAConfig, apply_lora
-from minitune.reward import RewardHead, pairwise_loss, sequence_rewards
+from minitune.reward import RewardHead, pair_rewards, pairwise_loss
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import DataSection, ModelSection, OptimSection, RunSection, WandbSection
@@ -53,7 +55,7 @@ class RewardConfig:
 
 def build_pairs(cfg: RewardConfig, tok, info):
     train, evals, stats = load_preference_pairs(cfg.data, tok, cfg.run.seed)
-    tokenize = lambda ps: [tokenize_pair(p, tok, cfg.reward.max_length, stats) for p in ps]  # noqa: E731
+    tokenize = lambda ps: [tokenize_shared_pair(p, tok, cfg.reward.max_length, stats) for p in ps]  # noqa: E731
     train_ids, eval_ids = tokenize(train), tokenize(evals)
     if info.is_main:
         print(stats.summary())
@@ -62,11 +64,9 @@ def build_pairs(cfg: RewardConfig, tok, info):
 
 
 def pair_forward(model, pairs, pad_id, device):
-    """(chosen, rejected) rewards of a batch of pairs, both sides in one forward of the model + head."""
-    batch = collate_pairs(pairs, pad_id)
-    r = sequence_rewards(model, None, batch.input_ids.to(device), batch.attention_mask.to(device))
-    n = len(pairs)
-    return r[:n], r[n:]
+    """(chosen, rejected) rewards of a batch of pairs: each pair's prompt once, both responses after
+    it, packed into rows without padding; one forward of the model + head."""
+    return pair_rewards(model, None, layout_pairs(pairs, pad_id).to(device))
 
 
 @torch.no_grad()
@@ -123,6 +123,7 @@ def train(cfg: RewardConfig) -> dict:
         step, data_state, _ = restore_state(resume, opt, sched, info)
         batch_index = data_state["batch_index"]
     mgr = CheckpointManager(out_dir, cfg.run.keep_last)
+    metadata = {"rendering": prompt_rendering(cfg.data, chat=False)}  # PPO/GRPO check their prompts against it
     last_ckpt = resume
     summary: dict = {"steps": total_steps, "train_pairs_per_rank": len(train_pairs), "eval_pairs_per_rank": len(eval_pairs)}
     if step == 0:
@@ -167,7 +168,7 @@ def train(cfg: RewardConfig) -> dict:
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="reward", optimizer=opt, scheduler=sched,
                                        data_state={"batch_index": batch_index}, info=info, head_tensors=head.tensors(),
-                                       base_name=cfg.model.path, task_type="SEQ_CLS")
+                                       base_name=cfg.model.path, task_type="SEQ_CLS", adapter_metadata=metadata)
             if stopping:
                 report_stop(stop.requested, step, last_ckpt, info.is_main)
                 break
@@ -177,7 +178,7 @@ def train(cfg: RewardConfig) -> dict:
     summary["after"] = evaluate(model, eval_pairs, cfg, tok.pad_id, device)
     summary.update(final_step=step, train_seconds=round(time.perf_counter() - t_start, 1), last_checkpoint=str(last_ckpt))
     finish_run(model, ctx, summary, adapter="reward", base_name=cfg.model.path, step=step, final_metrics=summary["after"],
-               extra_tensors=head.tensors(), task_type="SEQ_CLS")
+               extra_tensors=head.tensors(), task_type="SEQ_CLS", adapter_metadata=metadata)
     return summary
 
 

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from minitune import MinituneError, build_model
 from minitune.data import Columns, ConstantLengthDataset, Document, Template, load_rows, make_formatter, tokenize_rows
-from minitune.data.preference import PairStats, collate_pairs, parse_pairs, split_hh, tokenize_pair
+from minitune.data.preference import PairStats, PreferencePair, hh_chat_pair, hh_messages, parse_pairs, split_hh
 from minitune.data.prompts import encode_prompts
 from minitune.data.synthetic import correctness_reward, is_correct, make_task, train_eval_split, wrong_answer
 from minitune.model import ModelConfig
@@ -215,25 +215,22 @@ def test_hh_pairs_share_the_prompt(hh_rows):
     assert pair.prompt == "\n\nHuman: hi\n\nAssistant:" and pair.chosen == " hello"
 
 
+def test_hh_dialogues_render_through_the_chat_template(demo_tok):
+    dialogue = "\n\nHuman: hi there\n\nAssistant: Hello! \n\nHuman: how do I bake bread?\n\nAssistant:"
+    assert hh_messages(dialogue) == [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "Hello!"},
+                                     {"role": "user", "content": "how do I bake bread?"}]
+    pair = hh_chat_pair(PreferencePair(dialogue, " Mix flour and water.", " No."), demo_tok)
+    assert pair.prompt == demo_tok.apply_chat_template(hh_messages(dialogue), add_generation_prompt=True)
+    assert pair.prompt.endswith("<|im_start|>assistant\n") and "Human:" not in pair.prompt
+    assert (pair.chosen, pair.rejected) == ("Mix flour and water.", "No.")
+
+
 def test_bad_pairs_are_skipped_with_counts():
     stats = PairStats()
     rows = [{"chosen": "a", "rejected": "b"}, {"chosen": "a", "rejected": "a"}, {"chosen": "", "rejected": "x"},
             {"chosen": None, "rejected": "x"}]
     assert len(parse_pairs(rows, stats=stats)) == 1
     assert (stats.identical, stats.missing_side) == (1, 2)
-
-
-def test_pair_tokenize_truncates_and_collates(demo_tok):
-    from minitune.data.preference import PreferencePair
-
-    stats = PairStats()
-    pair = PreferencePair("word " * 100, "yes", "no no")
-    c, r = tokenize_pair(pair, demo_tok, max_length=32, stats=stats)
-    assert len(c) <= 32 and len(r) <= 32 and stats.truncated == 1
-    assert c[-1] == demo_tok.eos_id
-    batch = collate_pairs([(c, r), ([5, 6], [7])], pad_id=demo_tok.pad_id)
-    assert batch.input_ids.shape[0] == 4
-    assert batch.last_index.tolist() == [len(c) - 1, 1, len(r) - 1, 0]
 
 
 def test_prompts_truncate_with_count(demo_tok):

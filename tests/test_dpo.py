@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from minitune import MinituneError
-from minitune.data.packing import IGNORE
-from minitune.data.preference import (PreferencePair, collate_labeled_pairs, tokenize_pair,
-                                      tokenize_pair_with_prompt_length)
+from minitune.data.pair_layout import layout_pairs, tokenize_shared_pair
+from minitune.data.preference import PreferencePair
 from minitune.dpo import DPOLossType, dpo_loss, response_logprobs
 from minitune.train.config import parse_cli
 from helpers import load_recipe, tiny_with_real_tokenizer
@@ -56,21 +55,22 @@ def test_at_the_start_the_loss_is_log2_and_rewards_are_zero():
 
 def test_only_response_tokens_are_scored(demo_tok):
     pair = PreferencePair("Question: what is two plus two?\nAnswer:", " four", " five")
-    (c, pc), (r, pr) = tokenize_pair_with_prompt_length(pair, demo_tok, 64)
-    assert (c, r) == tokenize_pair(pair, demo_tok, 64)
-    assert c[:pc] == r[:pr] == demo_tok.encode(pair.prompt)
-    batch = collate_labeled_pairs([((c, pc), (r, pr))], demo_tok.pad_id)
-    trained = batch.labels[0][batch.labels[0] != IGNORE].tolist()
-    assert trained == c[pc:]  # the response and its EOS, nothing of the prompt
-    assert batch.labels[0, : pc - 1].eq(IGNORE).all() and batch.labels[1, len(r) - 1:].eq(IGNORE).all()
-    # the summed log-prob changes with a response logit and not with a prompt logit
+    sp = tokenize_shared_pair(pair, demo_tok, 64)
+    assert sp.prompt == demo_tok.encode(pair.prompt) and sp.chosen[-1] == sp.rejected[-1] == demo_tok.eos_id
+    layout = layout_pairs([sp], demo_tok.pad_id)
+    P = len(sp.prompt)
+    # the response and its EOS, nothing of the prompt; both first tokens predicted by the prompt's last one
+    assert layout.targets.tolist() == sp.chosen + sp.rejected
+    assert layout.predictors.tolist() == [P - 1 + k for k in range(len(sp.chosen))] + \
+        [P - 1] + [P + len(sp.chosen) + k for k in range(len(sp.rejected) - 1)]
+    # the summed log-prob changes with the logit of a predicting position only
     V = demo_tok.vocab_size
-    logits = torch.zeros(2, batch.labels.shape[1], V, requires_grad=True)
-    summed, count = response_logprobs(logits, batch.labels)
+    logits = torch.zeros(layout.targets.numel(), V, requires_grad=True)
+    summed, count = response_logprobs(logits, layout)
     summed.sum().backward()
-    assert count.tolist() == [len(c) - pc, len(r) - pr]
-    assert logits.grad[0, : pc - 1].abs().sum() == 0 and logits.grad[0, pc - 1].abs().sum() > 0
-    assert summed[0].item() == pytest.approx(-(len(c) - pc) * math.log(V), rel=1e-5)
+    assert count.tolist() == [len(sp.chosen), len(sp.rejected)]
+    assert summed[0].item() == pytest.approx(-len(sp.chosen) * math.log(V), rel=1e-5)
+    assert logits.grad.abs().sum(-1).gt(0).all()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from minitune import MinituneError, build_model, load_model
-from minitune.adapters import save_adapter
+from minitune.adapters import read_adapter_metadata, save_adapter
 from minitune.lora import LoRAConfig, LoRALinear, apply_lora, base_parameter_bytes, set_adapter, use_adapter
 from minitune.model import ModelConfig
 from minitune.reward import RewardHead, last_token_index, load_reward_adapter, pairwise_loss, sequence_rewards
@@ -166,3 +166,24 @@ def test_reward_recipe_runs_and_resumes_exactly(demo_dir, tmp_path):
     # the saved reward model loads as a named adapter with its head
     head = load_reward_adapter(load_model(tiny), tmp_path / "a" / "adapter")
     assert head.score.weight.shape == (1, 64)
+    assert read_adapter_metadata(tmp_path / "a" / "adapter") == {"rendering": "synthetic"}
+
+
+def test_ppo_and_grpo_refuse_a_reward_adapter_of_another_rendering_before_loading(tmp_path, capsys):
+    model = build_model(CFG, seed=0)
+    apply_lora(model, LoRAConfig(r=2), "reward")
+    for folder, meta in (("hh_raw", {"rendering": "hh-raw"}), ("unknown", None)):
+        save_adapter(model, tmp_path / folder, "reward", extra_tensors=RewardHead(64).tensors(), task_type="SEQ_CLS",
+                     metadata=meta)
+    for name, cls in (("ppo", "PPOConfig"), ("grpo", "GRPOConfig")):
+        rec = load_recipe(name)
+        args = [f"model.path={tmp_path / 'no_model'}", "data.source=hh.jsonl", "data.hh_format=true", "data.hh_chat=true",
+                "init_adapter=", f"run.output_dir={tmp_path / name}"]
+        with pytest.raises(MinituneError, match=r"rendered as 'hh-raw', but data renders them as 'hh-chat'; "
+                                                r"use data.hh_chat=false"):
+            rec.train(parse_cli(getattr(rec, cls), args + [f"reward.adapter={tmp_path / 'hh_raw'}"]))
+        with pytest.raises(MinituneError, match="no adapter_config.json"):
+            rec.train(parse_cli(getattr(rec, cls), args + [f"reward.adapter={tmp_path / 'missing'}"]))
+        with pytest.raises(Exception):  # no record: a note, then the run goes on (and stops at the missing model)
+            rec.train(parse_cli(getattr(rec, cls), args + [f"reward.adapter={tmp_path / 'unknown'}"]))
+        assert "does not record how its prompts were rendered" in capsys.readouterr().out

@@ -1,13 +1,12 @@
-"""Preference pairs for reward modelling and DPO: parsing, tokenizing with truncation, collation, batching."""
+"""Preference pairs for reward modelling and DPO: parsing and batching (tokenizing and layout:
+`minitune.data.pair_layout`)."""
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
-import torch
-
-from minitune.data.packing import IGNORE
 from minitune.errors import MinituneError
 from minitune.tokenizer import Tokenizer
 
@@ -35,6 +34,26 @@ def split_hh(chosen: str, rejected: str) -> PreferencePair:
         cut = chosen.rfind(HH_ASSISTANT, 0, n)
         prefix = chosen[: cut + len(HH_ASSISTANT)] if cut >= 0 else ""
     return PreferencePair(prefix, chosen[len(prefix):], rejected[len(prefix):])
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def hh_messages(dialogue: str) -> list[dict]:
+    """"\n\nHuman: ...\n\nAssistant: ..." text -> chat messages (user/assistant turns, stripped);
+    a trailing empty "Assistant:" turn (an hh prompt) is dropped."""
+    parts = _HH_TURN.split(dialogue)
+    msgs = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+            for who, text in zip(parts[1::2], parts[2::2])]
+    return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"] else msgs
+
+
+def hh_chat_pair(pair: PreferencePair, tok: Tokenizer) -> PreferencePair:
+    """An hh pair (from `split_hh`) rendered with the tokenizer's chat template: the dialogue so far
+    as user/assistant turns ending in the generation prompt, each response as the assistant's text
+    (the template's end of turn is the EOS the tokenizer appends)."""
+    prompt = tok.apply_chat_template(hh_messages(pair.prompt), add_generation_prompt=True) if pair.prompt else ""
+    return PreferencePair(prompt, pair.chosen.strip(), pair.rejected.strip())
 
 
 @dataclass
@@ -74,75 +93,6 @@ def parse_pairs(rows, *, prompt_col: str | None = "prompt", chosen_col: str = "c
     return out
 
 
-class PairBatch(NamedTuple):
-    """input_ids: [2B, S] chosen rows first, then rejected rows, right-padded.
-    attention_mask: [2B, S] (1 = real token). last_index: [2B] index of each row's last real token."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    last_index: torch.Tensor
-
-
-def _truncated_sides(pair: PreferencePair, tok: Tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], bool]:
-    """[(prompt_ids, response_ids)] for chosen then rejected, each fitting max_length, and whether any
-    was cut: past max_length the prompt loses its oldest tokens first, then the response its end."""
-    prompt = tok.encode(pair.prompt) if pair.prompt else []
-    sides, truncated = [], False
-    for resp in (pair.chosen, pair.rejected):
-        r = tok.encode(resp, add_special_tokens=False) + ([tok.eos_id] if tok.eos_id is not None else [])
-        p = prompt
-        if len(p) + len(r) > max_length:
-            truncated = True
-            keep_prompt = max(max_length - len(r), max_length // 2)
-            p = p[-keep_prompt:] if keep_prompt > 0 else []
-            r = r[: max_length - len(p)]
-        sides.append((p, r))
-    return sides, truncated
-
-
-def tokenize_pair(pair: PreferencePair, tok: Tokenizer, max_length: int, stats: PairStats | None = None):
-    """(chosen_ids, rejected_ids), each prompt + response + EOS. Past max_length the prompt loses its
-    oldest tokens first, then the response its end (counted in stats.truncated)."""
-    sides, truncated = _truncated_sides(pair, tok, max_length)
-    if truncated and stats is not None:
-        stats.truncated += 1
-    return tuple(p + r for p, r in sides)
-
-
-def tokenize_pair_with_prompt_length(pair: PreferencePair, tok: Tokenizer, max_length: int,
-                                     stats: PairStats | None = None) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
-    """((chosen_ids, prompt_len), (rejected_ids, prompt_len)): as `tokenize_pair`, plus where each
-    response starts. The boundary comes from tokenizing prompt and response separately."""
-    sides, truncated = _truncated_sides(pair, tok, max_length)
-    if truncated and stats is not None:
-        stats.truncated += 1
-    return tuple((p + r, len(p)) for p, r in sides)
-
-
-class LabeledPairBatch(NamedTuple):
-    """input_ids, attention_mask: [2B, S], chosen rows first, then rejected, right-padded.
-    labels: [2B, S] next-token targets aligned with input_ids (labels[:, t] = input_ids[:, t+1]) on
-    response tokens only; IGNORE on the prompt and on padding."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-
-def collate_labeled_pairs(pairs: Sequence[tuple[tuple[list[int], int], tuple[list[int], int]]], pad_id: int) -> LabeledPairBatch:
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    S = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    labels = torch.full((len(seqs), S), IGNORE, dtype=torch.long)
-    for i, (s, prompt_len) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-        start = max(prompt_len, 1)  # the first token has no prediction before it
-        labels[i, start - 1: len(s) - 1] = ids[i, start: len(s)]
-    return LabeledPairBatch(ids, mask, labels)
-
-
 def pair_batches(pairs, batch_size: int, seed: int, start_index: int = 0):
     """Endless shuffled batches of `pairs`: yields (batch index, batch); `start_index` skips the
     batches already consumed, so a resumed run sees exactly what the uninterrupted one would."""
@@ -155,17 +105,6 @@ def pair_batches(pairs, batch_size: int, seed: int, start_index: int = 0):
                 yield i, [pairs[j] for j in order[s: s + batch_size]]
             i += 1
         epoch += 1
-
-
-def collate_pairs(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> PairBatch:
-    seqs = [c for c, _ in pairs] + [r for _, r in pairs]
-    S = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return PairBatch(ids, mask, mask.sum(1) - 1)
 
 
 def synthetic_preference_pairs(n_train: int, n_eval: int, tok: Tokenizer, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -201,4 +140,7 @@ def load_preference_pairs(data, tok: Tokenizer, seed: int) -> tuple[list[Prefere
                                                 max_rows=data.max_rows, seed=seed)
     kw = dict(prompt_col=data.prompt_column if data.prompt_column in train_rows.column_names else None,
               chosen_col=data.chosen_column, rejected_col=data.rejected_column, hh_format=data.hh_format, stats=stats)
-    return parse_pairs(train_rows, **kw), parse_pairs(eval_rows, **kw), stats
+    train, evals = parse_pairs(train_rows, **kw), parse_pairs(eval_rows, **kw)
+    if data.hh_format and data.hh_chat:
+        train, evals = [hh_chat_pair(p, tok) for p in train], [hh_chat_pair(p, tok) for p in evals]
+    return train, evals, stats

@@ -19,6 +19,18 @@ class PromptBatch(NamedTuple):
     references: list
 
 
+def prompt_rendering(d, *, chat: bool) -> str:
+    """A name for how a recipe's data section turns prompts into text: "synthetic" (the task's chat
+    prompts), "hh-raw" / "hh-chat" (hh-rlhf dialogues as raw Human:/Assistant: text or through the
+    chat template), "chat" / "text" (a prompt column with or without the chat template). A reward
+    adapter records it (adapter/minitune.json); PPO and GRPO refuse one trained on another."""
+    if d.source == "synthetic":
+        return "synthetic"
+    if d.hh_format:
+        return "hh-chat" if d.hh_chat else "hh-raw"
+    return "chat" if chat else "text"
+
+
 def render_prompt(text: str, tok: Tokenizer, *, chat: bool, system: str | None = None) -> str:
     if not chat:
         return text

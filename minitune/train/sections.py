@@ -144,7 +144,8 @@ class DataSection:
     messages_column: str = "messages"
     chosen_column: str = "chosen"
     rejected_column: str = "rejected"
-    hh_format: bool = False
+    hh_format: bool = False  # rows hold hh-rlhf dialogues ("\n\nHuman: ...\n\nAssistant: ...")
+    hh_chat: bool = False  # render hh dialogues with the tokenizer's chat template instead of their raw text
     seq_length: int = 256
     completion_only: bool = True
     holdout: float = 0.05  # fraction (< 1) or count of rows held out for eval (when eval_source is empty)

@@ -75,7 +75,7 @@ def start_run(cfg) -> RunContext:
 
 def finish_run(model: nn.Module, ctx: RunContext, summary: dict, *, adapter: str | None, base_name: str, step: int = 0,
                final_metrics: dict | None = None, extra_tensors: dict | None = None, task_type: str = "CAUSAL_LM",
-               print_summary: bool = True) -> None:
+               print_summary: bool = True, adapter_metadata: dict | None = None) -> None:
     """The end of every recipe: the trained adapter (gathered from every rank) saved as a PEFT
     folder <output_dir>/adapter, the final metrics logged, summary.json written (and printed),
     the logger closed, the process group torn down."""
@@ -84,7 +84,7 @@ def finish_run(model: nn.Module, ctx: RunContext, summary: dict, *, adapter: str
     if ctx.info.is_main:
         if adapter:
             save_adapter(base_model(model), ctx.out_dir / "adapter", adapter, state_dict=sd, extra_tensors=extra,
-                         base_model_name_or_path=base_name, task_type=task_type)
+                         base_model_name_or_path=base_name, task_type=task_type, metadata=adapter_metadata)
         if final_metrics:
             ctx.log.log(step, **final_metrics)
         (ctx.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -250,7 +250,7 @@ def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 def save_state(
     mgr: CheckpointManager, step: int, model: nn.Module, *, adapter: str, optimizer, scheduler, data_state: dict,
     info: DistInfo, extras: dict | None = None, head_tensors: dict[str, torch.Tensor] | None = None,
-    base_name: str = "", task_type: str = "CAUSAL_LM",
+    base_name: str = "", task_type: str = "CAUSAL_LM", adapter_metadata: dict | None = None,
 ) -> Path:
     """Writes a full training checkpoint atomically (see minitune.train.checkpointing).
 
@@ -267,7 +267,7 @@ def save_state(
     def write(tmp: Path):
         if info.is_main:
             save_adapter(base_model(model), tmp / "adapter", adapter, state_dict=sd, extra_tensors=heads,
-                         base_model_name_or_path=base_name, task_type=task_type)
+                         base_model_name_or_path=base_name, task_type=task_type, metadata=adapter_metadata)
             save_pt({"step": step, "scheduler": scheduler.state_dict() if scheduler else None,
                      "extras": extras or {}}, tmp / "common.pt")
         save_pt({"optimizer": local_optimizer_state(optimizer), "data": data_state, "rng": rng_state()},
