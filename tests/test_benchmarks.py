@@ -58,3 +58,13 @@ def test_memory_benchmark_packed_mode_and_sequence_sweep(tmp_path):
     assert [r["seq"] for r in rows[:-1]] == [16, 32, 64] and all(r["fits"] for r in rows[:-1])
     assert rows[-1]["seq"] == "longest under 100 GiB: 64"
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reward_pairs_benchmark_writes_its_table(tmp_path):
+    import reward_pairs
+
+    rows = reward_pairs.main(["--pairs", "16", "--batch", "8", "--max-length", "64", "--out-dir", str(tmp_path)])
+    assert [(r["library"], r["layout"]) for r in rows] == [
+        ("minitune", "shared prompt, packed"), ("minitune", "padded rows"), ("transformers+peft", "padded rows")]
+    assert all(r["pairs/s"] > 0 and r["peak RSS GiB"] > 0 for r in rows)
+    assert "pairs/s" in (tmp_path / "reward_pairs_hh_64_cpu.md").read_text()
