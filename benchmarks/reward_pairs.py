@@ -41,16 +41,10 @@ def load_batches(a):
 
 
 def padded_rows(pairs, pad_id):
-    """[2B, S] chosen rows then rejected rows (prompt + response each), right-padded, and the mask."""
-    import torch
+    """[2B, S] chosen rows then rejected rows (prompt + response each), padded, and the mask."""
+    from minitune.generate import left_pad
 
-    seqs = [p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs]
-    S = max(map(len, seqs))
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    return ids, mask
+    return left_pad([p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs], pad_id)
 
 
 def worker(a) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import random
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -17,7 +18,7 @@ from minitune.errors import MinituneError
 from minitune.generate import GenerationOutput, generate, left_pad, positions_from_mask
 from minitune.lora import use_adapter
 from minitune.ppo import check_scores, logprobs_from_logits
-from minitune.reward import RewardHead, sequence_rewards
+from minitune.reward import RewardHead, check_rendering, sequence_rewards
 from minitune.tokenizer import Tokenizer
 from minitune.train.sections import GenSection
 
@@ -135,10 +136,6 @@ def prompts_use_chat(d) -> bool:
 
 def check_reward_adapter(d, folder: str) -> None:
     """Before any model loads: the reward adapter was trained on prompts rendered as these are."""
-    from pathlib import Path
-
-    from minitune.reward import check_rendering
-
     if not (Path(folder) / "adapter_config.json").exists():
         raise MinituneError(f"reward.adapter {folder}: no adapter_config.json there; train one with "
                             "recipes/reward_model.py (its output_dir/adapter)")
