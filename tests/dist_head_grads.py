@@ -9,7 +9,7 @@ import sys
 import torch
 
 from minitune import build_model
-from minitune.distributed import full_tensor, init_distributed
+from minitune.distributed import cleanup, full_tensor, init_distributed
 from minitune.lora import LoRAConfig, apply_lora
 from minitune.model import ModelConfig
 from minitune.reward import RewardHead, sequence_rewards
@@ -51,4 +51,4 @@ worst = max((got[n] - expected[n]).abs().max().item() for n in got)
 assert worst < 1e-5, f"rank {info.rank}: gradients differ from the full batch's by {worst}"
 assert got["head.score.weight"].abs().sum() > 0
 print(f"rank {info.rank} {parallel.value}: {len(got)} gradients equal the full batch's (max diff {worst:.1e})")
-torch.distributed.destroy_process_group()
+cleanup(model)  # releases the DDP reducer before the group (a bare destroy_process_group can abort at exit)
