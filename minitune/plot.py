@@ -26,7 +26,8 @@ PANELS = [
                                "eval_margin", "eval_score_mean", "advantage_mean")),
     ("KL to the reference (nats)", lambda k: k in ("kl", "eval_kl", "approx_kl")),
     ("throughput", lambda k: k in ("tokens_per_s", "pairs_per_s", "gen_tokens_per_s")),
-    ("response length / no-EOS share", lambda k: k in ("response_length", "no_eos_share")),
+    ("response length / no-EOS share", lambda k: k in ("response_length", "no_eos_share", "eval_response_length",
+                                                       "eval_no_eos_share", "stop_share", "eval_stop_share")),
 ]
 
 

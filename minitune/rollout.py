@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from minitune.data.loading import load_rows
+from minitune.data.loading import train_and_eval_rows
 from minitune.data.preference import hh_messages, split_hh
 from minitune.data.prompts import encode_prompts, prompt_rendering
 from minitune.data.synthetic import train_eval_split
@@ -23,27 +23,46 @@ from minitune.tokenizer import Tokenizer
 from minitune.train.sections import GenSection
 
 
-def load_prompts(d, seed: int, tok: Tokenizer | None = None) -> tuple[list[str], list]:
-    """(prompts, reference answers or None) for rollouts from a DataSection: the synthetic task's
-    training split (its held-out split is never returned; `max_rows` keeps its first rows), hh-rlhf
-    dialogues cut before the last answer (with `data.hh_chat`, rendered through `tok`'s chat
-    template), or a prompt column (with a "reference" column when the file has one)."""
+class PromptSplit(NamedTuple):
+    """Rollout prompts and the held-out prompts an RL recipe evaluates on, with their reference
+    answers (None where the data has none)."""
+
+    prompts: list[str]
+    references: list
+    held_out: list[str]
+    held_out_references: list
+
+
+def load_prompts(d, seed: int, tok: Tokenizer | None = None) -> PromptSplit:
+    """Training and held-out prompts for rollouts from a DataSection. The synthetic task: its
+    training split and its held-out split. Otherwise rows of
+    `d.source` split like the other recipes split them (`data.eval_source`, or `data.holdout`
+    carved out with `seed`): hh-rlhf dialogues cut before the last answer (with `data.hh_chat`,
+    rendered through `tok`'s chat template), or a prompt column (with a "reference" column when
+    the file has one). `max_rows` keeps the first training prompts. With the reward recipe's source,
+    holdout and seed, the held-out prompts are those of the pairs the reward model never trained on."""
     if d.source == "synthetic":
-        train, _ = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=seed)
+        train, held = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=seed)
         train = train[: d.max_rows] if d.max_rows else train  # a pool smaller than the split it comes from
-        return [ex["prompt"] for ex in train], [ex["answer"] for ex in train]
-    if d.hh_format:
-        rows = load_rows(d.source, columns=[d.chosen_column, d.rejected_column])
-        prompts = [split_hh(r[d.chosen_column], r[d.rejected_column]).prompt for r in rows]
-        if d.hh_chat:
-            prompts = [tok.apply_chat_template(hh_messages(p), add_generation_prompt=True) for p in prompts]
-    else:
-        rows = load_rows(d.source, columns=[d.prompt_column])
-        prompts = list(rows[d.prompt_column])
-    if d.max_rows:
-        prompts = prompts[: d.max_rows]
-    refs = list(rows["reference"])[: len(prompts)] if "reference" in rows.column_names else [None] * len(prompts)
-    return prompts, refs
+        return PromptSplit([ex["prompt"] for ex in train], [ex["answer"] for ex in train],
+                           [ex["prompt"] for ex in held], [ex["answer"] for ex in held])
+    columns = [d.chosen_column, d.rejected_column] if d.hh_format else [d.prompt_column]
+    train_rows, held_rows = train_and_eval_rows(d.source, columns, eval_source=d.eval_source, holdout=d.holdout,
+                                                seed=seed)
+    if d.max_rows:  # a training pool smaller than the split, as for the synthetic task
+        train_rows = train_rows.select(range(min(d.max_rows, len(train_rows))))
+
+    def prompts_refs(rows) -> tuple[list[str], list]:
+        if d.hh_format:
+            prompts = [split_hh(r[d.chosen_column], r[d.rejected_column]).prompt for r in rows]
+            if d.hh_chat:
+                prompts = [tok.apply_chat_template(hh_messages(p), add_generation_prompt=True) for p in prompts]
+        else:
+            prompts = list(rows[d.prompt_column])
+        refs = list(rows["reference"]) if "reference" in rows.column_names else [None] * len(prompts)
+        return prompts, refs
+
+    return PromptSplit(*prompts_refs(train_rows), *prompts_refs(held_rows))
 
 
 class Rollout(NamedTuple):
@@ -51,8 +70,9 @@ class Rollout(NamedTuple):
 
     prompts / references: [B] the prompt text and reference answer (or None) of each response.
     query, query_mask: [B, P] left-padded prompt ids. gen: the GenerationOutput (sequences [B, P+N],
-    tokens, mask, lengths, ended). responses: [B] decoded answers. truncated: prompts cut to
-    max_prompt_length. seconds: wall time of the generation."""
+    tokens, mask, lengths, ended: by EOS or a stop string). responses: [B] decoded answers.
+    truncated: prompts cut to max_prompt_length. seconds: wall time of the generation. stopped: [B]
+    True where a stop string (`gen.stop`) ended the answer."""
 
     prompts: list[str]
     references: list
@@ -62,6 +82,7 @@ class Rollout(NamedTuple):
     responses: list[str]
     truncated: int
     seconds: float
+    stopped: torch.Tensor
 
     @property
     def attention_mask(self) -> torch.Tensor:
@@ -85,10 +106,49 @@ def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: S
                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=g, num_samples=k,
                    compile=gen.compile)
     policy.train(was_training)
+    out, stopped = cut_at_stop_strings(out, tok, gen.stop, q.shape[1], tok.pad_id)
     responses = [tok.decode(t[: int(n)]) for t, n in zip(out.tokens, out.lengths)]
     return Rollout([p for p in prompts for _ in range(k)], [r for r in references for _ in range(k)],
                    q.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0), out, responses, truncated,
-                   time.perf_counter() - t0)
+                   time.perf_counter() - t0, stopped)
+
+
+def stop_cut(tok: Tokenizer, tokens: list[int], stops: Sequence[str]) -> int | None:
+    """How many of `tokens` to keep when the answer they decode to contains a stop string: the
+    tokens before the one where the earliest stop string begins (at least one; a stop string in
+    the answer's leading whitespace does not count). None when no stop string occurs."""
+    text = tok.decode(tokens)
+    lead = len(text) - len(text.lstrip())
+    hits = [i for i in (text.find(s, lead) for s in stops) if i >= 0]
+    if not hits:
+        return None
+    start = min(hits)
+    keep = 0
+    while keep < len(tokens) and len(tok.decode(tokens[: keep + 1])) <= start:
+        keep += 1
+    return max(keep, 1)
+
+
+def cut_at_stop_strings(out: GenerationOutput, tok: Tokenizer, stops: Sequence[str], prompt_len: int,
+                        pad_id: int) -> tuple[GenerationOutput, torch.Tensor]:
+    """(out with every answer that contains a stop string cut before it and marked ended, [B] bool
+    True for those rows). The stop string and what follows become padding outside the mask, as
+    after an EOS: the reward sees the answer as the data ends its turns, and no gradient reaches the
+    cut tokens (as with vLLM's or TRL's `stop` strings). Raw-text dialogues ("...\n\nAssistant:")
+    need it: a model continues them with the next "\n\nHuman:" turn instead of an EOS."""
+    stopped = torch.zeros(len(out.lengths), dtype=torch.bool)
+    if not stops:
+        return out, stopped
+    tokens, logprobs, mask, seq = out.tokens.clone(), out.logprobs.clone(), out.mask.clone(), out.sequences.clone()
+    lengths, ended = out.lengths.clone(), out.ended.clone()
+    for b, n in enumerate(out.lengths.tolist()):
+        keep = stop_cut(tok, out.tokens[b, :n].tolist(), stops)
+        if keep is None or keep >= n:
+            continue
+        tokens[b, keep:], logprobs[b, keep:], mask[b, keep:] = pad_id, 0.0, 0
+        seq[b, prompt_len + keep:] = pad_id
+        lengths[b], ended[b], stopped[b] = keep, True, True
+    return GenerationOutput(seq, tokens, logprobs, mask, lengths, ended), stopped.to(out.lengths.device)
 
 
 def resolve_reward_fn(spec: str) -> Callable:

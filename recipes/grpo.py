@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
+from minitune.data.synthetic import SYSTEM, is_correct
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError, require
-from minitune.evaluation import exact_match_report, format_report
 from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
+from minitune.rl_eval import HeldOutEval
 from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
                               sample_rollout, sampled_logprobs, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
@@ -89,7 +89,9 @@ class GRPOConfig:
                                                                max_prompt_length=96))
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # adapter to start from (and reference); "auto": the SFT default's if present; "": none
-    eval_accuracy: bool = True  # synthetic task: held-out greedy exact-match at the start, every run.eval_every, end
+    # held-out prompts answered greedily at the start, every run.eval_every steps and at the end (0: none):
+    # exact-match on the synthetic task, else the reward's mean score (minitune.rl_eval)
+    eval_prompts: int = 200
     eval_max_new_tokens: int = 32
 
 
@@ -151,7 +153,8 @@ def train(cfg: GRPOConfig) -> dict:
         check_reward_adapter(cfg.data, cfg.reward.adapter)
     ctx = start_run(cfg)
     info, device, out_dir, resume, tok, log, _ = ctx
-    prompts, refs = load_prompts(cfg.data, cfg.run.seed, tok)
+    split = load_prompts(cfg.data, cfg.run.seed, tok)
+    prompts, refs = split.prompts, split.references
     order = list(range(len(prompts)))
     random.Random(cfg.run.seed).shuffle(order)
     mine = order[info.rank::info.world_size]
@@ -185,19 +188,12 @@ def train(cfg: GRPOConfig) -> dict:
         cursor = data_state["cursor"]
     mgr = CheckpointManager(out_dir, cfg.run.keep_last)
     last_ckpt, history = resume, []
-    held_out = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)[1] \
-        if cfg.data.source == "synthetic" and cfg.eval_accuracy else None
-    evals: dict[int, dict] = {}
-
-    def evaluate(at_step: int) -> None:
-        evals[at_step] = exact_match_report(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens, device=device)
-        if info.is_main:
-            print(f"\nheld-out greedy exact-match at step {at_step} ({len(held_out)} prompts): {format_report(evals[at_step])}")
-            log.log(at_step, **{f"eval_{k}": v for k, v in evals[at_step].items()})
+    held_out = HeldOutEval(policy, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir,
+                           log=log, is_main=info.is_main, device=device)
 
     t_start = time.perf_counter()
     if held_out and step == 0:
-        evaluate(0)
+        held_out(0)
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "grpo")
     chat, system = prompts_use_chat(cfg.data), SYSTEM if cfg.data.source == "synthetic" else None
     G = cfg.grpo.group_size
@@ -240,7 +236,8 @@ def train(cfg: GRPOConfig) -> dict:
             stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": raw.std().item(),
                      "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(rows), **up,
                      "response_length": ro.gen.lengths.float().mean().item(),
-                     "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(), "lr": sched.get_last_lr()[0],
+                     "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),
+                     "stop_share": ro.stopped.float().mean().item(), "lr": sched.get_last_lr()[0],
                      "gen_s": ro.seconds, "score_s": t2 - t1, "update_s": t3 - t2,
                      "gen_tokens_per_s": float(ro.gen.lengths.sum()) / ro.seconds, "prompts_truncated": ro.truncated}
             if ro.references[0] is not None:
@@ -251,7 +248,7 @@ def train(cfg: GRPOConfig) -> dict:
             bar.set_postfix(score=f"{stats['score_mean']:.3f}", groups=f"{stats['informative_groups']:.2f}")
             bar.update(1)
             if held_out and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.max_steps:
-                evaluate(step)
+                held_out(step)
             stopping = stop.requested is not None
             if should_save(cfg.run, step, cfg.run.max_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="policy", optimizer=opt, scheduler=sched,
@@ -264,15 +261,11 @@ def train(cfg: GRPOConfig) -> dict:
     # 8. Final held-out evaluation and the policy adapter.
     train_seconds = time.perf_counter() - t_start
     if held_out and step == cfg.run.max_steps:
-        evaluate(step)
+        held_out(step)
     summary = {"steps": step, "last_checkpoint": str(last_ckpt), "start_adapter": str(init or ""),
-               "seconds": round(train_seconds, 1), "eval": {str(k): v for k, v in sorted(evals.items())},
-               "history": history}
-    if held_out and 0 in evals and step in evals:
-        summary["eval_exact_match_before"], summary["eval_exact_match_after"] = evals[0]["exact_match"], evals[step]["exact_match"]
-    if info.is_main and "eval_exact_match_after" in summary:
-        print(f"held-out greedy exact-match {summary['eval_exact_match_before']:.3f} -> "
-              f"{summary['eval_exact_match_after']:.3f} in {train_seconds:.0f} s")
+               "seconds": round(train_seconds, 1), **held_out.summary(), "history": history}
+    if info.is_main and held_out.describe():
+        print(f"{held_out.describe()} in {train_seconds:.0f} s")
     finish_run(model, ctx, summary, adapter="policy", base_name=cfg.model.path, print_summary=False)
     return summary
 

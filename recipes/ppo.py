@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.synthetic import SYSTEM, is_correct, train_eval_split
+from minitune.data.synthetic import SYSTEM, is_correct
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError
-from minitune.evaluation import exact_match_report, format_report
 from minitune.lora import LoRAConfig, base_parameter_bytes, set_adapter
 from minitune.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, PPOStats, RunningMoments, Trajectory,
                           ValueHead, explained_variance, leave_one_out_baseline, ppo_update, response_diversity,
                           trajectory)
 from minitune.reward import load_reward_adapter
+from minitune.rl_eval import HeldOutEval
 from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
                               sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
@@ -61,7 +61,9 @@ class PPOConfig:
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # SFT adapter to start from; "auto": the SFT default's (f"{SFT_OUTPUT_DIR}/adapter") if present; "": none
     sample_every: int = 4
-    eval_accuracy: bool = True  # synthetic task: greedy exact-match accuracy on held-out prompts before/after
+    # held-out prompts answered greedily at the start, every run.eval_every steps and at the end (0: none):
+    # exact-match on the synthetic task, else the reward's mean score (minitune.rl_eval)
+    eval_prompts: int = 200
     eval_max_new_tokens: int = 32  # answer budget of that greedy evaluation (SFT's default too)
 
 
@@ -112,6 +114,7 @@ def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory, raw, non_score, mb
         "explained_variance": explained_variance(traj.values, traj.returns, traj.response_mask),
         "response_length": ro.gen.lengths.float().mean().item(), "diversity": response_diversity(ro.responses),
         "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),  # cut off by the length budget
+        "stop_share": ro.stopped.float().mean().item(),  # ended by a gen.stop string
         # where the step's time goes: rollout generation, scoring (reward, policy/reference
         # log-probs, values, advantages), PPO update
         "gen_s": t_gen, "score_s": t_score, "update_s": t_train,
@@ -160,7 +163,8 @@ def train(cfg: PPOConfig) -> dict:
         print(f"policy starts from {init or 'a fresh adapter'}; reference = {'adapter copy' if init else 'base'}; "
               f"reward = {cfg.reward.adapter or cfg.reward.function}")
 
-    prompts, refs = load_prompts(cfg.data, cfg.run.seed, tok)
+    split = load_prompts(cfg.data, cfg.run.seed, tok)
+    prompts, refs = split.prompts, split.references
     mine = list(range(info.rank, len(prompts), info.world_size))
     opt = build_optimizer(model.parameters(), cfg.optim)
     kl_ctl = (AdaptiveKLController(cfg.ppo.init_kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.adaptive_kl
@@ -177,20 +181,10 @@ def train(cfg: PPOConfig) -> dict:
     rng = random.Random(cfg.run.seed + 7919 * info.rank + step)
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "ppo")
     policy = unwrap(model)
-    held_out = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)[1] \
-        if cfg.data.source == "synthetic" and cfg.eval_accuracy else None
-
-    evals: dict[int, dict] = {}
-
-    def held_out_accuracy(when: str, at_step: int) -> float:
-        evals[at_step] = exact_match_report(policy, tok, held_out, max_new_tokens=cfg.eval_max_new_tokens, device=device)
-        if info.is_main:
-            print(f"held-out greedy exact-match accuracy {when} ({len(held_out)} prompts): {format_report(evals[at_step])}")
-            log.log(at_step, eval_accuracy=evals[at_step]["exact_match"],
-                    **{f"eval_{k}": v for k, v in evals[at_step].items() if k != "exact_match"})
-        return evals[at_step]["exact_match"]
-
-    before = held_out_accuracy("before PPO", 0) if held_out and step == 0 else None
+    held_out = HeldOutEval(policy, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir,
+                           log=log, is_main=info.is_main, device=device)
+    if held_out and step == 0:
+        held_out(0)
     with StopSignal() as stop:
         while step < cfg.run.max_steps:
             # 1. Rollout: sample prompts, generate with the policy (KV cache, no grad, eval mode).
@@ -226,7 +220,7 @@ def train(cfg: PPOConfig) -> dict:
             bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{kl_mean:.3f}")
             bar.update(1)
             if held_out and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.max_steps:
-                held_out_accuracy(f"at step {step}", step)
+                held_out(step)
             stopping = stop.requested is not None
             if should_save(cfg.run, step, cfg.run.max_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="policy", optimizer=opt, scheduler=None,
@@ -238,10 +232,11 @@ def train(cfg: PPOConfig) -> dict:
                 break
     bar.close()
     summary = {"steps": step, "last_checkpoint": str(last_ckpt), "base_param_bytes": base_bytes}
-    if held_out:
-        summary["eval_accuracy_before"] = before
-        summary["eval_accuracy_after"] = held_out_accuracy("after PPO", step)
-        summary["eval"] = {str(k): v for k, v in sorted(evals.items())}
+    if held_out and step == cfg.run.max_steps:
+        held_out(step)
+    summary |= held_out.summary()
+    if info.is_main and held_out.describe():
+        print(held_out.describe())
     summary["history"] = history
     finish_run(model, ctx, summary, adapter=None, base_name=cfg.model.path, print_summary=False)
     return summary

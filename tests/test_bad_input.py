@@ -60,7 +60,8 @@ def test_out_of_range_optimizer_values_fail_at_config_time(capsys, tmp_path):
     for arg, msg in [("optim.betas=[0.9]", "optim.betas=[0.9] must be two numbers"),
                      ("optim.eps=0", "optim.eps=0.0 must be > 0"), ("optim.grad_clip=-1", "optim.grad_clip"),
                      ("run.batch_size=0", "run.batch_size=0 must be >= 1"), ("lora.dropout=1.5", "lora.dropout"),
-                     ("data.seq_length=1", "data.seq_length=1 must be >= 2")]:
+                     ("data.seq_length=1", "data.seq_length=1 must be >= 2"),
+                     ("data.hh_chat=true", "data.hh_chat=True renders hh-rlhf dialogues")]:
         with pytest.raises(MinituneError, match=re.escape(msg)):
             parse_cli(sft.SFTConfig, [arg])
     parse_cli(sft.SFTConfig, ["optim.lr=0"])  # lr 0 is legal: the learning tests' control

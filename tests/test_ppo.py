@@ -217,7 +217,7 @@ def test_reward_function_errors_are_named(toy_folder, tmp_path):
     ppo = load_recipe("ppo")
     base = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=1", "ppo.rollout_batch=4", "ppo.mini_batch=4", "gen.min_new_tokens=2",
-            "gen.max_new_tokens=2", "init_adapter="]
+            "gen.max_new_tokens=2", "init_adapter=", "eval_prompts=0"]  # the rollout's scoring, not the held-out check's
     for fn, msg in [("helpers:reward_raises", "raised ValueError"), ("helpers:reward_nan", "non-finite"),
                     ("helpers:reward_wrong_shape", "returned 1 scores for 4 responses"),
                     ("helpers:no_such_fn", "cannot be imported")]:

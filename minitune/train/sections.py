@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -149,7 +149,7 @@ class DataSection:
     seq_length: int = 256
     completion_only: bool = True
     holdout: float = 0.05  # fraction (< 1) or count of rows held out for eval (when eval_source is empty)
-    eval_source: str = ""  # held-out rows from their own file, folder or hub id[:split] (SFT, reward, DPO)
+    eval_source: str = ""  # held-out rows from their own file, folder or hub id[:split] (every recipe)
     max_rows: int = 0  # 0: all
     shuffle_buffer: int = 16
     synthetic_train: int = 2000
@@ -158,6 +158,8 @@ class DataSection:
     def __post_init__(self):
         require(self.seq_length >= 2, "seq_length", self.seq_length, "must be >= 2 tokens")
         require(self.holdout > 0, "holdout", self.holdout, "must be > 0: a fraction below 1 or a row count")
+        require(self.hh_format or not self.hh_chat, "hh_chat", self.hh_chat,
+                "renders hh-rlhf dialogues through the chat template: set data.hh_format=true as well")
         for name in ("max_rows", "shuffle_buffer"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
         for name in ("synthetic_train", "synthetic_eval"):
@@ -178,6 +180,9 @@ class GenSection:
     top_p: float = 1.0
     max_prompt_length: int = 256
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); off: on this 2-core CPU it ran slower
+    # strings that end an answer (it is cut before them), e.g. ["\n\n"] for raw "Human:/Assistant:" dialogues,
+    # which a model otherwise continues with the next turn instead of an EOS
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         require(1 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
@@ -186,6 +191,7 @@ class GenSection:
         require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0: off)")
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
+        require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be a list of non-empty strings")
 
 
 @dataclass

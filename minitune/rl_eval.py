@@ -1,0 +1,121 @@
+"""The RL recipes' held-out check (PPO, GRPO): the policy answers fixed prompts it never trains on,
+greedily, at the start, every `run.eval_every` steps and at the end, so curves show generalization
+rather than the practised pool. On the synthetic task that is exact-match accuracy; elsewhere the
+answers are scored like rollouts (the reward adapter or function), and a reader gets the score's
+mean, its spread, the no-EOS share and the answers themselves (eval_samples/step_N.jsonl)."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from minitune.data.synthetic import train_eval_split
+from minitune.evaluation import exact_match_report, format_report
+from minitune.rollout import PromptSplit, prompts_use_chat, sample_rollout, score_rollout
+from minitune.train.sections import GenSection
+
+
+@torch.no_grad()
+def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: GenSection, chat: bool,
+                    system: str | None, reward_head=None, reward_fn: Callable | None = None, name: str = "",
+                    device=None, batch_size: int = 25) -> tuple[dict[str, float], list[dict]]:
+    """({"score_mean", "score_std", "no_eos_share", "stop_share", "response_length"}, one row per prompt
+    with its greedy response, score, whether it ended (EOS or a `gen.stop` string) and whether a stop
+    string ended it). no_eos_share counts answers the length budget cut off. The answers are greedy,
+    `gen.max_new_tokens` long at most; the score is the reward adapter's (or function's) on the
+    whole sequence."""
+    greedy = replace(gen, temperature=0.0, min_new_tokens=gen.max_new_tokens)
+    rng = random.Random(0)  # unused by greedy decoding, but sample_rollout draws from it
+    rows: list[dict] = []
+    for i in range(0, len(prompts), batch_size):
+        ro = sample_rollout(policy, tok, prompts[i: i + batch_size], references[i: i + batch_size], gen=greedy, k=1,
+                            rng=rng, chat=chat, system=system, device=device)
+        scores = score_rollout(ro, policy, reward_head=reward_head, reward_fn=reward_fn, name=name, device=device)
+        rows += [{"prompt": p, "response": r, "score": float(s), "ended": bool(e), "stopped": bool(st), "tokens": int(n)}
+                 for p, r, s, e, st, n in zip(ro.prompts, ro.responses, scores.tolist(), ro.gen.ended.tolist(),
+                                              ro.stopped.tolist(), ro.gen.lengths.tolist())]
+    s = torch.tensor([r["score"] for r in rows], dtype=torch.float64)
+    report = {"score_mean": s.mean().item(), "score_std": s.std().item() if len(rows) > 1 else 0.0,
+              "no_eos_share": sum(not r["ended"] for r in rows) / len(rows),
+              "stop_share": sum(r["stopped"] for r in rows) / len(rows),
+              "response_length": sum(r["tokens"] for r in rows) / len(rows)}
+    return report, rows
+
+
+class HeldOutEval:
+    """Called with a step number: evaluates, logs `eval_*` metrics, prints one line, keeps the report.
+    `n_prompts` caps the held-out prompts (0: no evaluation); `summary()` gives the first and last
+    reports and, for scores, the gain in units of the first evaluation's spread."""
+
+    def __init__(self, policy, tok, split: PromptSplit, cfg, *, reward_head, reward_fn, out_dir: Path, log,
+                 is_main: bool, device):
+        d = cfg.data
+        self.policy, self.tok, self.device, self.log, self.is_main = policy, tok, device, log, is_main
+        self.synthetic = d.source == "synthetic"
+        self.max_new_tokens = cfg.eval_max_new_tokens
+        self.reports: dict[int, dict[str, float]] = {}
+        n = cfg.eval_prompts
+        if self.synthetic:
+            self.examples = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=cfg.run.seed)[1][:n]
+            self.size = len(self.examples)
+        else:
+            self.prompts, self.refs = split.held_out[:n], split.held_out_references[:n]
+            self.size = len(self.prompts)
+            self.samples = out_dir / "eval_samples"
+            self.kw = dict(gen=replace(cfg.gen, max_new_tokens=cfg.eval_max_new_tokens), chat=prompts_use_chat(d),
+                           system=None, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
+                           device=device)
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def __call__(self, step: int) -> dict[str, float]:
+        if self.synthetic:
+            report = exact_match_report(self.policy, self.tok, self.examples, max_new_tokens=self.max_new_tokens,
+                                        device=self.device)
+            line = f"greedy exact-match {format_report(report)}"
+        else:
+            report, rows = held_out_scores(self.policy, self.tok, self.prompts, self.refs, **self.kw)
+            line = (f"greedy answers' score {report['score_mean']:.3f} (std {report['score_std']:.3f}), "
+                    f"cut by the budget {report['no_eos_share']:.0%}, by a stop string {report['stop_share']:.0%}, "
+                    f"{report['response_length']:.1f} tokens")
+            if self.is_main:
+                self.samples.mkdir(parents=True, exist_ok=True)
+                with open(self.samples / f"step_{step}.jsonl", "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.reports[step] = report
+        if self.is_main:
+            print(f"\nheld-out at step {step} ({self.size} prompts): {line}", flush=True)
+            self.log.log(step, **{f"eval_{k}": v for k, v in report.items()})
+        return report
+
+    def summary(self) -> dict:
+        """{"eval": every report by step; from a run that started at step 0 also "eval_before" and
+        "eval_after" (the first and last reports) and, for scores, "eval_gain_sigma": (last - first
+        score mean) / first score std}."""
+        if not self.reports:
+            return {}
+        out = {"eval": {str(k): v for k, v in sorted(self.reports.items())}}
+        last = max(self.reports)
+        if 0 in self.reports and last > 0:
+            before, after = self.reports[0], self.reports[last]
+            out |= {"eval_before": before, "eval_after": after}
+            if not self.synthetic and before["score_std"] > 0:
+                out["eval_gain_sigma"] = (after["score_mean"] - before["score_mean"]) / before["score_std"]
+        return out
+
+    def describe(self) -> str | None:
+        """One line on the whole run's held-out change, or None without a start and an end."""
+        s = self.summary()
+        if "eval_after" not in s:
+            return None
+        key = "exact_match" if self.synthetic else "score_mean"
+        line = f"held-out {key.replace('_', ' ')} {s['eval_before'][key]:.3f} -> {s['eval_after'][key]:.3f}"
+        return line + (f" ({s['eval_gain_sigma']:+.2f} std of the first)" if "eval_gain_sigma" in s else "")
+
+
+__all__ = ["HeldOutEval", "held_out_scores"]

@@ -1,0 +1,96 @@
+"""The RL recipes' prompt split, stop strings and held-out evaluation (minitune.rl_eval)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minitune.generate import GenerationOutput
+from minitune.rollout import cut_at_stop_strings, load_prompts, stop_cut
+from minitune.train.config import parse_cli
+from minitune.train.sections import DataSection
+from conftest import HH_PATH
+from helpers import load_recipe, share_of_letter_a
+
+
+def test_stop_strings_cut_answers_before_the_stop(demo_tok):
+    tok = demo_tok
+    texts = [" Yes, I do.\n\nHuman: Can you tell me more?", " No stop in this one at all", "\n\nSure, here it is.",
+             " Short."]
+    rows = [tok.encode(t) for t in texts]
+    rows[3] = rows[3] + [tok.eos_ids[0]]  # ended by EOS before any stop string
+    N, P = max(map(len, rows)) + 2, 3
+    pad = tok.pad_id
+    tokens = torch.full((len(rows), N), pad)
+    mask = torch.zeros(len(rows), N, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), 1
+    lengths = mask.sum(1)
+    seq = torch.cat([torch.full((len(rows), P), 7), tokens], 1)
+    out = GenerationOutput(seq, tokens, torch.randn(len(rows), N) * mask, mask, lengths,
+                           torch.tensor([False, False, False, True]))
+
+    cut, stopped = cut_at_stop_strings(out, tok, ["\n\n"], P, pad)
+    assert stopped.tolist() == [True, False, False, False]  # the leading blank line of row 2 is not a stop
+    keep = int(cut.lengths[0])
+    assert tok.decode(cut.tokens[0, :keep].tolist()) == " Yes, I do."
+    assert cut.mask[0].sum() == keep and cut.mask[0, keep:].eq(0).all() and cut.tokens[0, keep:].eq(pad).all()
+    assert cut.sequences[0, P + keep:].eq(pad).all() and torch.equal(cut.sequences[0, :P + keep], seq[0, :P + keep])
+    assert cut.logprobs[0, keep:].eq(0).all() and torch.equal(cut.logprobs[0, :keep], out.logprobs[0, :keep])
+    assert cut.ended.tolist() == [True, False, False, True]
+    for b in (1, 2, 3):  # untouched
+        assert torch.equal(cut.tokens[b], out.tokens[b]) and cut.lengths[b] == out.lengths[b]
+    assert out.ended.tolist() == [False, False, False, True]  # the input is not modified
+    # several stop strings: the earliest wins; none given: nothing changes
+    assert tok.decode(rows[0][: stop_cut(tok, rows[0], ["Human:", ","])]) == " Yes"
+    same, none = cut_at_stop_strings(out, tok, [], P, pad)
+    assert same is out and not none.any()
+
+
+def test_rl_prompts_hold_out_the_reward_models_held_out_pairs(demo_tok):
+    if not HH_PATH.exists():
+        pytest.skip(f"{HH_PATH} not found")
+    from minitune.data.preference import load_preference_pairs
+
+    d = DataSection(source=str(HH_PATH), hh_format=True, holdout=300)
+    split = load_prompts(d, 0, demo_tok)
+    _, held_pairs, _ = load_preference_pairs(d, demo_tok, 0)
+    assert len(split.held_out) == 300 and len(split.prompts) == 2312 - 300
+    assert split.held_out == [p.prompt for p in held_pairs]  # the pairs the reward model never trains on
+    assert all(p.endswith("\n\nAssistant:") for p in split.prompts + split.held_out)
+    assert split.held_out_references == [None] * 300
+    other = load_prompts(DataSection(source=str(HH_PATH), hh_format=True, holdout=300), 1, demo_tok)
+    assert other.held_out != split.held_out  # the seed picks the split
+
+
+@pytest.mark.parametrize("recipe", ["ppo", "grpo"])
+def test_held_out_reward_evaluation_scores_greedy_answers(toy_folder, tmp_path, recipe):
+    folder, prompts = toy_folder
+    mod = load_recipe(recipe)
+    cls = {"ppo": "PPOConfig", "grpo": "GRPOConfig"}[recipe]
+    section = {"ppo": ["ppo.rollout_batch=8", "ppo.mini_batch=4", "ppo.samples_per_prompt=4"],
+               "grpo": ["grpo.rollout_batch=8", "grpo.group_size=4"]}[recipe]
+    args = section + [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+                      "run.save_every=0", "gen.min_new_tokens=6", "gen.max_new_tokens=6", "init_adapter=",
+                      "reward.function=helpers:share_of_letter_a", "optim.lr=1e-2", "run.max_steps=2",
+                      "run.eval_every=1", "data.holdout=6", "eval_prompts=5", "eval_max_new_tokens=6"]
+    out = mod.train(parse_cli(getattr(mod, cls), args + [f"run.output_dir={tmp_path / 'o'}"]))
+    assert sorted(out["eval"]) == ["0", "1", "2"]
+    for step, report in out["eval"].items():
+        rows = [json.loads(line) for line in (tmp_path / "o" / "eval_samples" / f"step_{step}.jsonl").open()]
+        assert len(rows) == 5  # eval_prompts of the 6 held out
+        scores = torch.tensor(share_of_letter_a([r["response"] for r in rows], None), dtype=torch.float64)
+        assert [r["score"] for r in rows] == pytest.approx(scores.tolist())
+        assert report["score_mean"] == pytest.approx(scores.mean().item())
+        assert report["score_std"] == pytest.approx(scores.std().item())
+        assert report["no_eos_share"] == pytest.approx(sum(not r["ended"] for r in rows) / 5)
+        assert all(r["tokens"] <= 6 for r in rows)
+    assert out["eval_before"] == out["eval"]["0"] and out["eval_after"] == out["eval"]["2"]
+    if out["eval_before"]["score_std"] > 0:
+        gain = (out["eval_after"]["score_mean"] - out["eval_before"]["score_mean"]) / out["eval_before"]["score_std"]
+        assert out["eval_gain_sigma"] == pytest.approx(gain)
+    logged = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").open()]
+    assert sum("eval_score_mean" in r for r in logged) == 3
+    # eval_prompts=0: no evaluation at all
+    off = mod.train(parse_cli(getattr(mod, cls), args + ["eval_prompts=0", f"run.output_dir={tmp_path / 'off'}"]))
+    assert "eval" not in off and not (tmp_path / "off" / "eval_samples").exists()
