@@ -48,8 +48,8 @@ def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: G
 
 class HeldOutEval:
     """Called with a step number: evaluates, logs `eval_*` metrics, prints one line, keeps the report.
-    `n_prompts` caps the held-out prompts (0: no evaluation); `summary()` gives the first and last
-    reports and, for scores, the gain in units of the first evaluation's spread."""
+    `cfg.eval_prompts` caps the held-out prompts (0: no evaluation); `summary()` gives the first and
+    last reports and, for scores, the gain in units of the first evaluation's spread."""
 
     def __init__(self, policy, tok, split: PromptSplit, cfg, *, reward_head, reward_fn, out_dir: Path, log,
                  is_main: bool, device):

@@ -264,8 +264,8 @@ def train(cfg: GRPOConfig) -> dict:
         held_out(step)
     summary = {"steps": step, "last_checkpoint": str(last_ckpt), "start_adapter": str(init or ""),
                "seconds": round(train_seconds, 1), **held_out.summary(), "history": history}
-    if info.is_main and held_out.describe():
-        print(f"{held_out.describe()} in {train_seconds:.0f} s")
+    if info.is_main and (line := held_out.describe()):
+        print(f"{line} in {train_seconds:.0f} s")
     finish_run(model, ctx, summary, adapter="policy", base_name=cfg.model.path, print_summary=False)
     return summary
 

@@ -235,8 +235,8 @@ def train(cfg: PPOConfig) -> dict:
     if held_out and step == cfg.run.max_steps:
         held_out(step)
     summary |= held_out.summary()
-    if info.is_main and held_out.describe():
-        print(held_out.describe())
+    if info.is_main and (line := held_out.describe()):
+        print(line)
     summary["history"] = history
     finish_run(model, ctx, summary, adapter=None, base_name=cfg.model.path, print_summary=False)
     return summary
