@@ -27,7 +27,7 @@ DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
 def load_batches(a):
     """Batches of SharedPair token ids, in the order the reward recipe would draw them (seed 0)."""
-    from minitune.data.pair_layout import tokenize_shared_pair
+    from minitune.data.shared_prompt import tokenize_shared_pair
     from minitune.data.preference import load_preference_pairs, pair_batches
     from minitune.demo_model import demo_model_path
     from minitune.tokenizer import load_tokenizer
@@ -70,7 +70,7 @@ def worker(a) -> dict:
             return r[: len(pairs)], r[len(pairs):]
     else:
         from minitune import load_model
-        from minitune.data.pair_layout import layout_pairs
+        from minitune.data.shared_prompt import layout_pairs
         from minitune.heads import WithHead
         from minitune.lora import LoRAConfig, apply_lora
         from minitune.reward import RewardHead, pair_rewards, sequence_rewards

@@ -120,7 +120,7 @@ def plan(q_len: int, kv_len: int, *, position_ids: torch.Tensor | None, padding_
          impl: AttentionImpl, device):
     """What `attend` needs for one forward: None (causal), a padding mask (dense tensor), a
     DocumentMask, Segments or a BlockMask. A boolean [B, 1, q_len, kv_len] `padding_mask` is an
-    explicit mask and is used as it is (shared-prompt preference pairs, `data/pair_layout.py`)."""
+    explicit mask and is used as it is (shared-prompt preference pairs, `data/shared_prompt.py`)."""
     if padding_mask is not None and padding_mask.dim() == 4:
         if padding_mask.dtype != torch.bool or padding_mask.shape[-2:] != (q_len, kv_len):
             raise MinituneError(f"an explicit attention mask must be bool [B, 1, {q_len}, {kv_len}], got "

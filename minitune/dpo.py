@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from minitune.data.pair_layout import PairLayout
+from minitune.data.shared_prompt import SharedLayout
 
 
 class DPOLossType(str, Enum):
@@ -39,15 +39,15 @@ class DPOOutput(NamedTuple):
     rejected_rewards: torch.Tensor
 
 
-def response_logprobs(logits: torch.Tensor, layout: PairLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def response_logprobs(logits: torch.Tensor, layout: SharedLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-prob [2N], response token count [2N]) of each side of a shared-prompt pair layout
-    (chosen sides first, then rejected; `minitune.data.pair_layout`).
+    (chosen sides first, then rejected; `minitune.data.shared_prompt`).
 
     logits: [M, V], the model's output at `layout.predictors` (`logits_at=`): row m predicts
     `layout.targets[m]`, a response token of side `layout.sides[m]`. Prompt tokens are never scored.
     """
     lp = F.log_softmax(logits.float(), -1).gather(-1, layout.targets[:, None])[:, 0]
-    n = 2 * layout.n_pairs
+    n = 2 * layout.n_groups
     summed = lp.new_zeros(n).index_add(0, layout.sides, lp)
     return summed, torch.bincount(layout.sides, minlength=n)
 

@@ -56,18 +56,25 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None):
+def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None,
+                 uniform: torch.Tensor | None = None):
     """Picks the next token [B] and its log-prob [B] from logits [B, V] (fp32).
 
-    temperature 0 is greedy. The log-prob is taken under softmax(logits / temperature) before the
-    top-k/top-p cut, so that it equals what a later forward pass with the same temperature gives.
+    temperature 0 is greedy. Sampling draws token j with probability p_j (after the top-k/top-p
+    cut) as argmax_j p_j / E_j with E_j = -log(u_j) exponential (the "exponential race"), u from
+    `uniform` [B, V] when given, else drawn from `generator`: a row's token then depends only on its
+    own noise, not on which other rows are in the batch. The log-prob is taken under
+    softmax(logits / temperature) before the top-k/top-p cut, so that it equals what a later
+    forward pass with the same temperature gives.
     """
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, F.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
     scaled = logits / temperature
     probs = filter_logits(scaled, top_k, top_p).softmax(-1)
-    tok = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if uniform is None:
+        uniform = torch.rand(probs.shape, generator=generator, device=probs.device)
+    tok = (probs / -uniform.clamp(min=1e-38).log()).argmax(-1)
     return tok, F.log_softmax(scaled, -1).gather(-1, tok[:, None])[:, 0]
 
 
@@ -120,6 +127,7 @@ def generate(
     use_cache: bool = True,
     num_samples: int = 1,
     compile: bool = False,
+    drop_finished: bool = True,
 ) -> GenerationOutput:
     """Generates up to `max_new_tokens` for each left-padded prompt in input_ids [B, P].
 
@@ -131,7 +139,12 @@ def generate(
     that many times (output rows i*n .. i*n+n-1 belong to prompt i) from one prefill whose KV cache is
     copied: the prompt's forward is paid once, not n times. `compile=True` runs the decode step
     through `torch.compile` (see `compiled_decode`; prefill stays eager, its length varies); its
-    first call per shape pays the compilation. Returns a GenerationOutput.
+    first call per shape pays the compilation. `drop_finished` (with the cache, not compiled): at each
+    check, once a quarter of the rows still in the batch have finished, they leave it (their cache rows
+    too), so the decode steps compute only rows still generating; the tokens do not change, since each
+    row's sampling noise is drawn for the whole batch every step (`sample_token`). RL answers of mixed
+    lengths (a 3-digit sum next to a 6-number list) then cost their own length, not the longest's.
+    Returns a GenerationOutput.
     """
     if num_samples < 1:
         raise MinituneError(f"num_samples must be >= 1, got {num_samples}")
@@ -151,7 +164,6 @@ def generate(
     seq = torch.cat([input_ids, torch.full((B, max_new_tokens), pad_id, dtype=input_ids.dtype, device=dev)], 1)
     logprobs = torch.zeros(B, max_new_tokens, device=dev)
     gen_mask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
     ended = torch.zeros(B, dtype=torch.bool, device=dev)
     try:
         if use_cache:
@@ -167,21 +179,36 @@ def generate(
             key_mask[:, :P] = mask[:, :P].bool()
         else:
             logits = prefill(model, input_ids, mask[:, :P], positions[:, :P])
+        compact = drop_finished and use_cache and not compile
+        rows = torch.arange(B, device=dev)  # the output row of each row still in the batch
+        live_done = torch.zeros(B, dtype=torch.bool, device=dev)  # of the rows still in the batch
+        live_keys = key_mask if use_cache else None
         for n in range(max_new_tokens):
-            tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            seq[:, P + n] = tok
-            logprobs[:, n] = torch.where(done, torch.zeros_like(lp), lp)
-            gen_mask[:, n] = (~done).long()
-            hit = torch.isin(tok, eos) & ~done
-            ended |= hit
-            done |= hit
-            if n == max_new_tokens - 1 or ((n + 1) % CHECK_DONE_EVERY == 0 and bool(done.all())):
+            noise = None
+            if temperature > 0:  # drawn for every output row, so a row's token does not depend on the others
+                noise = torch.rand((B, logits.shape[-1]), generator=generator, device=dev)[rows]
+            tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=noise)
+            tok = torch.where(live_done, torch.full_like(tok, pad_id), tok)
+            seq[rows, P + n] = tok
+            logprobs[rows, n] = torch.where(live_done, torch.zeros_like(lp), lp)
+            gen_mask[rows, n] = (~live_done).long()
+            hit = torch.isin(tok, eos) & ~live_done
+            ended[rows] |= hit
+            live_done = live_done | hit
+            if n == max_new_tokens - 1:
                 break
+            if (n + 1) % CHECK_DONE_EVERY == 0:
+                n_done = int(live_done.sum())
+                if n_done == len(rows):
+                    break
+                if compact and n_done * 4 >= len(rows):
+                    keep = (~live_done).nonzero()[:, 0]
+                    rows, live_done, live_keys, tok = rows[keep], live_done[keep], live_keys[keep], tok[keep]
+                    model.select_cache(keep)
             if use_cache:
-                key_mask[:, P + n] = True
+                live_keys[:, P + n] = True
                 slot = torch.full((1,), P + n, dtype=torch.long, device=dev)
-                logits = step(model, tok, key_mask, positions[:, P + n], slot)
+                logits = step(model, tok, live_keys, positions[rows, P + n], slot)
                 logits = logits.clone() if compile else logits  # CUDA graphs overwrite their outputs on replay
             else:
                 cur = P + n + 1

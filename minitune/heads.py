@@ -40,6 +40,9 @@ class WithHead(nn.Module):
     def repeat_cache(self, n: int):
         return self.model.repeat_cache(n)
 
+    def select_cache(self, rows):
+        return self.model.select_cache(rows)
+
     def clear_cache(self):
         return self.model.clear_cache()
 

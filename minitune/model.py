@@ -307,6 +307,13 @@ class Transformer(nn.Module):
             c = layer.self_attn.kv_cache
             c.k, c.v = c.k.repeat_interleave(n, 0), c.v.repeat_interleave(n, 0)
 
+    def select_cache(self, rows: torch.Tensor):
+        """Keeps only the cached rows `rows` ([b] indices), in that order: generation drops the rows
+        that finished, so later decode steps compute only the rows still generating."""
+        for layer in self.model.layers:
+            c = layer.self_attn.kv_cache
+            c.k, c.v = c.k.index_select(0, rows), c.v.index_select(0, rows)
+
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
@@ -335,7 +342,7 @@ class Transformer(nn.Module):
         `logits_from` skips the output projection where no prediction is needed (PPO's prompt part);
         `logits_at` ([M] flat indices into the B*T positions) projects only those: logits [M, V].
         attention_mask may also be an explicit bool mask [B, 1, T, S] (True = attend; see
-        `minitune.data.pair_layout`).
+        `minitune.data.shared_prompt`).
         """
         B, T = input_ids.shape
         static = torch.is_tensor(cache_pos)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitune.errors import MinituneError
-from minitune.generate import positions_from_mask
+from minitune.data.shared_prompt import groups_from_rows, layout_groups
 
 
 class KLEstimator(str, Enum):
@@ -247,16 +247,30 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - masked_var(returns - values, mask, unbiased=False) / var_r) if var_r > 0 else float("nan")
 
 
-def policy_forward(model, seq, mask, P: int, temperature: float, *, with_entropy=False, detach_values=False):
-    """Log-probs [B, R], values [B, R] (and entropy) of the response part of `seq` [B, P+R]. `model`
-    is a `WithHead(policy, value_head)`, possibly inside DDP/FSDP, so the value head is synchronized
-    with the adapter."""
-    pick = (lambda h: h[:, P - 1: -1].detach()) if detach_values else (lambda h: h[:, P - 1: -1])
-    out, values = model(seq, positions_from_mask(mask), mask, logits_from=P - 1, head_on=pick)  # no prompt logits
-    logits = out.logits[:, :-1]  # position t predicts token t+1: positions P-1 .. P+R-2
-    logp = logprobs_from_logits(logits, seq[:, P:], temperature)
-    ent = entropy_from_logits(logits, temperature) if with_entropy else None
-    return logp, values, ent, logits
+def policy_forward(model, seq, mask, response_mask, group: int, temperature: float, *, values=True, with_entropy=False,
+                   with_logits=False, detach_values=False):
+    """(log-probs [B, R], values [B, R] or None, entropy [B, R] or None, logits [B, R, V] or None) of
+    the response part of padded rows `seq` [B, P+R] (attention `mask` [B, P+R], `response_mask`
+    [B, R]); 0 past each response. Rows i*group .. i*group+group-1 share a prompt, which goes
+    through the model once for them (`minitune.data.shared_prompt`: each response sees the prompt
+    and itself, packed without padding), and the output projection runs only where a response token
+    is predicted. With `values`, `model` is a `WithHead(policy, value_head)` (possibly inside
+    DDP/FSDP, so the head is synchronized with the adapter) and the value of a token is the head on
+    the position that predicts it."""
+    layout = layout_groups(groups_from_rows(seq, mask, response_mask, group), pad_id=0).to(seq.device)
+    at = layout.predictors
+    args = (layout.input_ids, layout.position_ids, layout.mask)
+    if values:
+        pick = (lambda h: h.flatten(0, 1)[at].detach()) if detach_values else (lambda h: h.flatten(0, 1)[at])
+        out, v = model(*args, logits_at=at, head_on=pick)
+    else:
+        out, v = model(*args, logits_at=at), None
+    where = (layout.rows(), layout.steps)
+    B, R = response_mask.shape
+    place = lambda x: x.new_zeros((B, R, *x.shape[1:])).index_put(where, x)  # noqa: E731  [M, ...] -> [B, R, ...]
+    logp = place(logprobs_from_logits(out.logits, layout.targets, temperature))
+    ent = place(entropy_from_logits(out.logits, temperature)) if with_entropy else None
+    return logp, place(v) if values else None, ent, place(out.logits) if with_logits else None
 
 
 def trajectory(policy, reference, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -267,15 +281,16 @@ def trajectory(policy, reference, sequences: torch.Tensor, attention_mask: torch
     token (4), GAE advantages and returns, without a value function the return itself, whitened (5).
     `policy` is a `WithHead(model, value head)`; `reference()` gives a context in which it is the
     reference."""
-    P, T = sequences.shape[1] - response_mask.shape[1], temperature
+    T, k = temperature, s.samples_per_prompt
     rmask = response_mask.float()
+    full = s.kl_estimator == KLEstimator.FULL
     with torch.no_grad():
-        logp, values, _, logits = policy_forward(policy, sequences, attention_mask, P, T)
+        logp, values, _, logits = policy_forward(policy, sequences, attention_mask, response_mask, k, T, with_logits=full)
         with reference():
-            ref_logits = policy(sequences, positions_from_mask(attention_mask), attention_mask,
-                                logits_from=P - 1).logits[:, :-1]
-        ref_logp = logprobs_from_logits(ref_logits, sequences[:, P:], T)
-        kl = kl_per_token(logp, ref_logp, s.kl_estimator, logits / max(T, 1e-6), ref_logits / max(T, 1e-6)) * rmask
+            ref_logp, _, _, ref_logits = policy_forward(policy, sequences, attention_mask, response_mask, k, T,
+                                                        values=False, with_logits=full)
+        scaled = (logits / max(T, 1e-6), ref_logits / max(T, 1e-6)) if full else (None, None)
+        kl = kl_per_token(logp, ref_logp, s.kl_estimator, *scaled) * rmask
         rewards, non_score = per_token_rewards(scores, kl, rmask, kl_coef)
         if not s.use_value:
             values = torch.zeros_like(values)
@@ -292,14 +307,16 @@ def ppo_update(model, traj: Trajectory, opt, c: PPOSettings, *, temperature: flo
     before each optimizer step (the recipes stop on a non-finite value). Returns (stats, skipped)."""
     model.train()
     stats, skipped = [], 0
-    B, P = traj.sequences.shape[0], traj.prompt_length
+    k = c.samples_per_prompt
+    n_groups, per = traj.sequences.shape[0] // k, max(1, c.mini_batch // k)  # minibatches of whole groups
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(c.ppo_epochs):
-        order = torch.randperm(B, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-        for s in range(0, B, c.mini_batch):
-            mb = traj.select(order[s: s + c.mini_batch].to(traj.sequences.device))
-            logp, values, ent, _ = policy_forward(model, mb.sequences, mb.attention_mask, P, temperature,
-                                                  with_entropy=True, detach_values=c.value_detach)
+        order = torch.randperm(n_groups, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        for s in range(0, n_groups, per):
+            rows = (order[s: s + per, None] * k + torch.arange(k)).flatten()
+            mb = traj.select(rows.to(traj.sequences.device))
+            logp, values, ent, _ = policy_forward(model, mb.sequences, mb.attention_mask, mb.response_mask, k,
+                                                  temperature, with_entropy=True, detach_values=c.value_detach)
             pg_loss, vf_loss, st = ppo_losses(logp, mb.logprobs, values, mb.values, mb.advantages, mb.returns,
                                               mb.response_mask, cliprange=c.cliprange,
                                               cliprange_value=c.cliprange_value, entropy=ent)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minitune.adapters import load_adapter, read_adapter_metadata
-from minitune.data.pair_layout import PairLayout
+from minitune.data.shared_prompt import SharedLayout
 from minitune.errors import MinituneError
 from minitune.generate import positions_from_mask
 
@@ -68,14 +68,14 @@ def sequence_rewards(model, head: RewardHead | None, input_ids: torch.Tensor, at
     return head(pick(model(input_ids, pos, attention_mask, return_logits=False).hidden))
 
 
-def pair_rewards(model, head: RewardHead | None, layout: PairLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rewards(model, head: RewardHead | None, layout: SharedLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) rewards [N] of pairs laid out with their prompt shared (one forward for
-    both sides; `minitune.data.pair_layout`). `head` as in `sequence_rewards`."""
+    both sides; `minitune.data.shared_prompt`). `head` as in `sequence_rewards`."""
     at = layout.last.flatten()
     pick = lambda hidden: hidden.flatten(0, 1)[at]  # noqa: E731
     args = (layout.input_ids, layout.position_ids, layout.mask)
     r = model(*args, return_logits=False, head_on=pick)[1] if head is None else head(pick(model(*args, return_logits=False).hidden))
-    return r[: layout.n_pairs], r[layout.n_pairs:]
+    return r[: layout.n_groups], r[layout.n_groups:]
 
 
 class PairMetrics(NamedTuple):

@@ -179,14 +179,6 @@ def score_rollout(ro: Rollout, model, *, reward_head: RewardHead | None = None, 
     return score_with_function(reward_fn, name, ro.responses, ro.references, device)
 
 
-def sampled_logprobs(model, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int,
-                      temperature: float) -> torch.Tensor:
-    """[B, R] log-probs of the response tokens seq[:, P:] under softmax(logits / temperature), the
-    distribution they were sampled from; logits only over the response (none over the prompt)."""
-    out = model(seq, positions_from_mask(mask), mask, logits_from=prompt_len - 1)
-    return logprobs_from_logits(out.logits[:, :-1], seq[:, prompt_len:], temperature)
-
-
 def prompts_use_chat(d) -> bool:
     """Whether rollout prompts go through the chat template as one user message (a prompt column
     under `data.template: chat`, and the synthetic task); hh dialogues are rendered whole by

@@ -7,7 +7,7 @@
 No second model: the reference is the same base with the adapters disabled or, when starting from
 an adapter (`init_adapter`, e.g. the SFT one), a frozen copy of that adapter loaded beside the
 trainable policy copy; its log-probs are computed under no-grad in the same step. Chosen and
-rejected go through one forward that computes their shared prompt once (`minitune.data.pair_layout`);
+rejected go through one forward that computes their shared prompt once (`minitune.data.shared_prompt`);
 sequence log-probs sum over response tokens only (the prompt/response boundary comes from
 tokenizing them separately). `data.seq_length` bounds prompt + response (longer pairs lose the
 prompt's oldest tokens, the same for both sides, then the response's end; counted).
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.pair_layout import PairLayout, layout_pairs, tokenize_shared_pair
+from minitune.data.shared_prompt import SharedLayout, layout_pairs, tokenize_shared_pair
 from minitune.data.preference import load_preference_pairs, pair_batches
 from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, unwrap
@@ -75,7 +75,7 @@ def tokenize(pairs, tok, cfg: DPOConfig, stats):
     return [tokenize_shared_pair(p, tok, cfg.data.seq_length, stats) for p in pairs]
 
 
-def sequence_logps(model, layout: PairLayout, loss: DPOLossType) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, layout: SharedLayout, loss: DPOLossType) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs [2N] as the loss compares them, summed log-probs [2N]) of each side's response,
     chosen sides first: summed for DPO and robust, mean per response token for IPO. One forward
     computes the prompt once for both sides and projects only the positions that predict a

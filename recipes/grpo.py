@@ -26,8 +26,9 @@ from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
+from minitune.ppo import policy_forward
 from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
-                              sample_rollout, sampled_logprobs, score_rollout)
+                              sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection, RewardSource,
@@ -50,7 +51,7 @@ class GRPOSection:
     aggregation: Aggregation = Aggregation.TOKEN  # token: mean over all response tokens (DAPO); sequence: per answer
     epochs: int = 1  # passes over each rollout
     mini_batches: int = 1  # optimizer steps per pass; > 1 (or epochs > 1) makes the clipping matter
-    micro_batch: int = 16  # rows per forward/backward (memory only: the gradient is the same)
+    micro_batch: int = 16  # answers per forward/backward, whole groups (memory only: the gradient is the same)
     skip_equal_groups: bool = True  # drop groups whose answers all scored alike before the update forward
 
     def __post_init__(self):
@@ -95,25 +96,45 @@ class GRPOConfig:
     eval_max_new_tokens: int = 32
 
 
-def update(model, ro: Rollout, advantages: torch.Tensor, rows: list[int], row_weight: torch.Tensor, ref_logp, old_logp,
-           cfg: GRPOConfig, opt, sched, rng: random.Random, step: int, last_ckpt) -> dict:
-    """The optimizer steps of one rollout: epochs x mini_batches steps over `rows`, each summing the
-    gradients of its micro-batches. Rows of weight 0 are computed but count nowhere (ranks that
-    must run as many forwards as the others). Returns the mean of the update statistics."""
-    g, P, T = cfg.grpo, ro.query.shape[1], cfg.gen.temperature
-    seq, mask, rmask = ro.gen.sequences, ro.attention_mask, ro.gen.mask.float() * row_weight[:, None]
+def micro_batches(groups: list[int], G: int, answers: int) -> list[list[int]]:
+    """Consecutive groups, at most `answers` answers per forward (at least one group)."""
+    per = max(1, answers // G)
+    return [groups[s: s + per] for s in range(0, len(groups), per)]
+
+
+def rows_of(groups: list[int], G: int, device) -> torch.Tensor:
+    return torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long, device=device)
+
+
+def answer_logprobs(model, ro: Rollout, rows: torch.Tensor, G: int, temperature: float) -> torch.Tensor:
+    """[len(rows), N] log-probs of the answers in `rows` (whole groups), each prompt computed once
+    for its G answers (`minitune.ppo.policy_forward`)."""
+    return policy_forward(model, ro.gen.sequences[rows], ro.attention_mask[rows], ro.gen.mask[rows], G, temperature,
+                          values=False)[0]
+
+
+def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_weight: torch.Tensor, ref_logp,
+           old_logp, cfg: GRPOConfig, opt, sched, rng: random.Random, step: int, last_ckpt) -> dict:
+    """The optimizer steps of one rollout: epochs x mini_batches steps over `groups` (shuffled whole),
+    each summing the gradients of its micro-batches; a micro-batch is whole groups, each prompt
+    computed once for its G answers (`answer_logprobs`). Rows of weight 0 are computed but count
+    nowhere (ranks that must run as many forwards as the others). Returns the mean of the update
+    statistics."""
+    g, G, T = cfg.grpo, cfg.grpo.group_size, cfg.gen.temperature
+    rmask = ro.gen.mask.float() * row_weight[:, None]
     stats, norms = [], []
     for _ in range(g.epochs):
-        order = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(rng.randrange(2**31)))]
+        perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+        order = [groups[i] for i in perm]
         per = -(-len(order) // g.mini_batches)
         for chunk in (order[s: s + per] for s in range(0, len(order), per)):
-            idx = torch.tensor(chunk, device=seq.device)
+            idx = rows_of(chunk, G, rmask.device)
             tokens, n_seq = float(rmask[idx].sum()), float(row_weight[idx].sum())
             losses = []
-            for s in range(0, len(chunk), g.micro_batch):
-                mb = idx[s: s + g.micro_batch]
+            for micro in micro_batches(chunk, G, g.micro_batch):
+                mb = rows_of(micro, G, rmask.device)
                 R = max(int(ro.gen.lengths[mb].max()), 1)  # trim the padding every row of the micro-batch has
-                logp = sampled_logprobs(model, seq[mb, : P + R], mask[mb, : P + R], P, T)
+                logp = answer_logprobs(model, ro, mb, G, T)[:, :R]
                 loss, st = grpo_loss(logp, old_logp[mb, :R] if old_logp is not None else logp.detach(), advantages[mb],
                                      rmask[mb, :R], clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta,
                                      ref_logp=ref_logp[mb, :R] if ref_logp is not None else None,
@@ -135,13 +156,13 @@ def update(model, ro: Rollout, advantages: torch.Tensor, rows: list[int], row_we
 
 
 @torch.no_grad()
-def logprobs_of(model, ro: Rollout, rows: list[int], cfg: GRPOConfig) -> torch.Tensor:
-    """[B, R] response log-probs (eval mode, no grad) of the given rows; zeros elsewhere."""
+def logprobs_of(model, ro: Rollout, groups: list[int], cfg: GRPOConfig) -> torch.Tensor:
+    """[B, R] response log-probs (eval mode, no grad) of the given groups' rows; zeros elsewhere."""
+    G = cfg.grpo.group_size
     out = torch.zeros_like(ro.gen.mask, dtype=torch.float32)
-    P = ro.query.shape[1]
-    for s in range(0, len(rows), cfg.grpo.micro_batch):
-        mb = torch.tensor(rows[s: s + cfg.grpo.micro_batch], device=out.device)
-        out[mb] = sampled_logprobs(model, ro.gen.sequences[mb], ro.attention_mask[mb], P, cfg.gen.temperature)
+    for micro in micro_batches(groups, G, cfg.grpo.micro_batch):
+        rows = rows_of(micro, G, out.device)
+        out[rows] = answer_logprobs(model, ro, rows, G, cfg.gen.temperature)
     return out
 
 
@@ -211,22 +232,22 @@ def train(cfg: GRPOConfig) -> dict:
             adv = group_advantages(raw, G, scale=cfg.grpo.scale_advantages)
             keep = informative_groups(raw, G) if cfg.grpo.skip_equal_groups else torch.ones(len(picked), dtype=torch.bool)
             row_weight = keep.repeat_interleave(G).float().to(device)
-            if info.world_size > 1:  # every rank runs the same number of forwards: skipped rows stay, weightless
-                rows = list(range(len(ro.responses)))
+            if info.world_size > 1:  # every rank runs the same number of forwards: skipped groups stay, weightless
+                groups = list(range(len(picked)))
             else:
-                rows = [i for i in range(len(ro.responses)) if row_weight[i] > 0]
+                groups = [i for i in range(len(picked)) if keep[i]]
             # 5. Reference log-probs (only with a KL term) and the rollout policy's (only when it moves within a rollout).
             policy.eval()
             ref_logp = None
             if cfg.grpo.beta:
                 with reference():
-                    ref_logp = logprobs_of(policy, ro, rows, cfg)
-            old_logp = logprobs_of(policy, ro, rows, cfg) if steps_per_rollout > 1 else None
+                    ref_logp = logprobs_of(policy, ro, groups, cfg)
+            old_logp = logprobs_of(policy, ro, groups, cfg) if steps_per_rollout > 1 else None
             # 6. Update: clipped surrogate (+ KL), token-mean, grad clip, finite check, optimizer step(s).
             t2 = time.perf_counter()
             model.train()
-            up = update(model, ro, adv.to(device), rows, row_weight, ref_logp, old_logp, cfg, opt, sched, rng, step,
-                        last_ckpt) if rows else {}
+            up = update(model, ro, adv.to(device), groups, row_weight, ref_logp, old_logp, cfg, opt, sched, rng, step,
+                        last_ckpt) if groups else {}
             t3 = time.perf_counter()
             step += 1
 
@@ -234,7 +255,7 @@ def train(cfg: GRPOConfig) -> dict:
             n = len(ro.responses)
             sums = all_reduce_sum(torch.tensor([float(raw.sum()), float(keep.sum()), float(len(picked))], device=device))
             stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": raw.std().item(),
-                     "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(rows), **up,
+                     "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(groups), **up,
                      "response_length": ro.gen.lengths.float().mean().item(),
                      "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),
                      "stop_share": ro.stopped.float().mean().item(), "lr": sched.get_last_lr()[0],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.pair_layout import layout_pairs, tokenize_shared_pair
+from minitune.data.shared_prompt import layout_pairs, tokenize_shared_pair
 from minitune.data.preference import load_preference_pairs, pair_batches
 from minitune.data.prompts import prompt_rendering
 from minitune.distributed import all_reduce_sum

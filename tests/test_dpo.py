@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from minitune import MinituneError
-from minitune.data.pair_layout import layout_pairs, tokenize_shared_pair
+from minitune.data.shared_prompt import layout_pairs, tokenize_shared_pair
 from minitune.data.preference import PreferencePair
 from minitune.dpo import DPOLossType, dpo_loss, response_logprobs
 from minitune.train.config import parse_cli

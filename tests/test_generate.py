@@ -187,3 +187,37 @@ def test_compiled_decode_equals_eager_with_lora_on_and_off():
                 assert torch.equal(a.sequences, b.sequences), (adapters_on, samples, kw)
                 assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
                 assert torch.equal(a.mask, b.mask) and torch.equal(a.ended, b.ended)
+
+
+def test_finished_rows_leave_the_batch_without_changing_any_token(monkeypatch):
+    # drop_finished: once a quarter of the rows in the batch have finished, they leave it (cache rows
+    # too). Each row's sampling noise is drawn for the whole batch every step, so tokens, log-probs,
+    # masks and EOS flags equal those of the run that keeps every row to the end, greedy and sampled.
+    m = lora_model(2)
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3], [40, 41, 42], [7, 7]], pad_id=0)
+    free = generate(m, ids, mask, max_new_tokens=30, pad_id=0)
+    eos = sorted({int(t) for t in free.tokens[:, 2:12:3].flatten()})[:4]  # rows finish over several checks
+    sizes = []
+    select = type(m).select_cache
+    monkeypatch.setattr(type(m), "select_cache", lambda self, rows: (sizes.append(len(rows)), select(self, rows))[1])
+    for kw in (dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)):
+        common = dict(max_new_tokens=30, pad_id=0, eos_ids=eos, num_samples=3, **kw)
+        sizes.clear()
+        a = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), **common)
+        assert sizes and sizes[-1] < 15, (kw, sizes)  # rows did leave the batch
+        b = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), drop_finished=False, **common)
+        assert torch.equal(a.sequences, b.sequences), kw
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.ended, b.ended) and torch.equal(a.lengths, b.lengths)
+        assert len(set(a.lengths.tolist())) > 2
+
+
+def test_sampling_draws_each_token_with_its_probability():
+    # the exponential race (argmax p / E, E ~ Exp(1)) samples from p: frequencies over 20k draws
+    from minitune.generate import sample_token
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = p.clamp(min=1e-30).log().expand(20000, -1)
+    tok, _ = sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert (freq - p).abs().max().item() < 0.01, freq

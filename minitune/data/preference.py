@@ -1,5 +1,5 @@
 """Preference pairs for reward modelling and DPO: parsing and batching (tokenizing and layout:
-`minitune.data.pair_layout`)."""
+`minitune.data.shared_prompt`)."""
 from __future__ import annotations
 
 import random

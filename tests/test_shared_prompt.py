@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minitune import build_model
-from minitune.data.pair_layout import SharedPair, layout_pairs, pack_rows, tokenize_shared_pair
+from minitune.data.shared_prompt import SharedPair, layout_pairs, pack_rows, tokenize_shared_pair
 from minitune.data.preference import PairStats, PreferencePair
 from minitune.lora import LoRAConfig, apply_lora
 from minitune.model import ModelConfig
@@ -104,3 +104,53 @@ def test_truncation_keeps_one_prompt_for_both_sides(demo_tok):
     assert demo_tok.decode(sp.prompt).endswith("Assistant:")  # the oldest tokens went first
     short = tokenize_shared_pair(PreferencePair("Human: hi\n\nAssistant:", " Hello.", " Go away."), demo_tok, 64, stats)
     assert stats.truncated == 1 and demo_tok.decode(short.prompt + short.chosen) == "Human: hi\n\nAssistant: Hello."
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_rl_policy_forward_equals_the_padded_rows(n_kv):
+    """PPO's and GRPO's update forward (`policy_forward`) runs each prompt once for its k sampled
+    answers: the log-probs (under the sampling temperature), values, entropies, logits and the LoRA
+    and value-head gradients equal those of the padded [prompt | answer] rows run as they were
+    generated, with left padding, answers of different lengths (EOS) and one cut short as a stop
+    string cuts it."""
+    from minitune.generate import generate, left_pad, positions_from_mask
+    from minitune.heads import WithHead
+    from minitune.ppo import ValueHead, entropy_from_logits, logprobs_from_logits, policy_forward
+
+    torch.manual_seed(0)
+    model = model_with_lora(n_kv).eval()
+    rng = random.Random(n_kv)
+    prompts = [[rng.randrange(3, 64) for _ in range(rng.randint(3, 12))] for _ in range(4)]
+    k, T = 3, 0.7
+    q, qmask = left_pad(prompts, 0, "cpu")
+    with torch.no_grad():
+        gen = generate(model, q, qmask, max_new_tokens=10, eos_ids=[2, 5, 7, 11], pad_id=0, temperature=1.5,
+                       generator=torch.Generator().manual_seed(1), num_samples=k)
+    rmask = gen.mask.clone()
+    assert len(set(gen.lengths.tolist())) > 1  # answers of different lengths
+    rmask[int(gen.lengths.argmax()), 4:] = 0  # a stop-string cut: only the kept tokens count
+    seq, P = gen.sequences, q.shape[1]
+    amask = torch.cat([qmask.repeat_interleave(k, 0), rmask], 1)
+    head = ValueHead(64, dropout=0.0)
+    torch.nn.init.normal_(head.summary.weight, std=0.1)
+    wrapped = WithHead(model, head)
+    w = torch.randn(rmask.shape)
+
+    logp, values, ent, logits = policy_forward(wrapped, seq, amask, rmask, k, T, with_entropy=True, with_logits=True)
+    ((logp + values + ent) * w * rmask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
+    wrapped.zero_grad()
+    out, v = wrapped(seq, positions_from_mask(amask), amask, logits_from=P - 1, head_on=lambda h: h[:, P - 1: -1])
+    ref_logits = out.logits[:, :-1]
+    want = (logprobs_from_logits(ref_logits, seq[:, P:], T), v, entropy_from_logits(ref_logits, T))
+    (sum(want) * w * rmask).sum().backward()
+    for got, ref in zip((logp, values, ent, logits), (*want, ref_logits)):
+        m = rmask if got.dim() == 2 else rmask[..., None]
+        assert (got * m - ref * m).abs().max().item() < 1e-4
+        assert (got[rmask == 0] == 0).all()  # nothing past a response
+    checked = 0
+    for n, p in wrapped.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-5, rtol=1e-4), n
+            checked += 1
+    assert checked >= 9  # LoRA A and B of every adapted layer, and the value head
