@@ -33,11 +33,15 @@ def accuracy_by_family(examples: list[dict], rows: list[tuple[str, str, str]]) -
     return {f: sum(h) / len(h) for f, h in sorted(hits.items())}
 
 
-def exact_match_report(model, tok, examples: list[dict], *, max_new_tokens: int = 32, device=None) -> dict[str, float]:
-    """{"exact_match": share, "exact_match_<family>": share per family} of greedy answers: the
-    held-out check the RL recipes run at the start, every run.eval_every steps and at the end."""
+def exact_match_report(model, tok, examples: list[dict], *, max_new_tokens: int = 32,
+                       device=None) -> tuple[dict[str, float], list[dict]]:
+    """({"exact_match": share, "exact_match_<family>": share per family}, one row per example with
+    prompt, answer, reference, family and correct) of greedy answers: the held-out check the RL
+    recipes run at the start, every run.eval_every steps and at the end."""
     acc, rows = greedy_accuracy(model, tok, examples, max_new_tokens=max_new_tokens, device=device)
-    return {"exact_match": acc, **{f"exact_match_{k}": v for k, v in accuracy_by_family(examples, rows).items()}}
+    report = {"exact_match": acc, **{f"exact_match_{k}": v for k, v in accuracy_by_family(examples, rows).items()}}
+    return report, [{"prompt": p, "answer": a, "reference": r, "family": ex.get("family", "all"),
+                     "correct": is_correct(a, r)} for ex, (p, a, r) in zip(examples, rows)]
 
 
 def format_report(report: dict[str, float]) -> str:

@@ -1,8 +1,9 @@
 """The RL recipes' held-out check (PPO, GRPO): the policy answers fixed prompts it never trains on,
 greedily, at the start, every `run.eval_every` steps and at the end, so curves show generalization
-rather than the practised pool. On the synthetic task that is exact-match accuracy; elsewhere the
-answers are scored like rollouts (the reward adapter or function), and a reader gets the score's
-mean, its spread, the no-EOS share and the answers themselves (eval_samples/step_N.jsonl)."""
+rather than the practised pool. On the synthetic task that is exact-match accuracy (overall and per
+family); elsewhere the answers are scored like rollouts (the reward adapter or function), and a
+reader gets the score's mean, its spread and the no-EOS share. Either way the answers themselves go
+to eval_samples/step_N.jsonl, so the prompts that changed between two steps can be read."""
 from __future__ import annotations
 
 import json
@@ -58,6 +59,7 @@ class HeldOutEval:
         self.synthetic = d.source == "synthetic"
         self.max_new_tokens = cfg.eval_max_new_tokens
         self.reports: dict[int, dict[str, float]] = {}
+        self.samples = out_dir / "eval_samples"
         n = cfg.eval_prompts
         if self.synthetic:
             self.examples = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=cfg.run.seed)[1][:n]
@@ -65,7 +67,6 @@ class HeldOutEval:
         else:
             self.prompts, self.refs = split.held_out[:n], split.held_out_references[:n]
             self.size = len(self.prompts)
-            self.samples = out_dir / "eval_samples"
             self.kw = dict(gen=replace(cfg.gen, max_new_tokens=cfg.eval_max_new_tokens), chat=prompts_use_chat(d),
                            system=None, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                            device=device)
@@ -75,20 +76,19 @@ class HeldOutEval:
 
     def __call__(self, step: int) -> dict[str, float]:
         if self.synthetic:
-            report = exact_match_report(self.policy, self.tok, self.examples, max_new_tokens=self.max_new_tokens,
-                                        device=self.device)
+            report, rows = exact_match_report(self.policy, self.tok, self.examples, max_new_tokens=self.max_new_tokens,
+                                              device=self.device)
             line = f"greedy exact-match {format_report(report)}"
         else:
             report, rows = held_out_scores(self.policy, self.tok, self.prompts, self.refs, **self.kw)
             line = (f"greedy answers' score {report['score_mean']:.3f} (std {report['score_std']:.3f}), "
                     f"cut by the budget {report['no_eos_share']:.0%}, by a stop string {report['stop_share']:.0%}, "
                     f"{report['response_length']:.1f} tokens")
-            if self.is_main:
-                self.samples.mkdir(parents=True, exist_ok=True)
-                with open(self.samples / f"step_{step}.jsonl", "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
         self.reports[step] = report
         if self.is_main:
+            self.samples.mkdir(parents=True, exist_ok=True)
+            with open(self.samples / f"step_{step}.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
             print(f"\nheld-out at step {step} ({self.size} prompts): {line}", flush=True)
             self.log.log(step, **{f"eval_{k}": v for k, v in report.items()})
         return report

@@ -94,3 +94,17 @@ def test_held_out_reward_evaluation_scores_greedy_answers(toy_folder, tmp_path, 
     # eval_prompts=0: no evaluation at all
     off = mod.train(parse_cli(getattr(mod, cls), args + ["eval_prompts=0", f"run.output_dir={tmp_path / 'off'}"]))
     assert "eval" not in off and not (tmp_path / "off" / "eval_samples").exists()
+
+
+def test_synthetic_held_out_report_agrees_with_its_saved_answers(demo_model, demo_tok):
+    from minitune.data.synthetic import is_correct, make_task
+    from minitune.evaluation import exact_match_report
+
+    examples = make_task(8)
+    report, rows = exact_match_report(demo_model, demo_tok, examples, max_new_tokens=6)
+    assert [r["prompt"] for r in rows] == [ex["prompt"] for ex in examples]
+    assert all(r["correct"] == is_correct(r["answer"], r["reference"]) for r in rows)
+    assert report["exact_match"] == sum(r["correct"] for r in rows) / 8
+    for fam in ("add", "reverse", "sort", "convert"):
+        mine = [r["correct"] for r in rows if r["family"] == fam]
+        assert len(mine) == 2 and report[f"exact_match_{fam}"] == sum(mine) / 2
