@@ -25,7 +25,7 @@ from minitune.lora import LoRAConfig, apply_lora
 from minitune.reward import RewardHead, pair_rewards, pairwise_loss
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
-from minitune.train.sections import DataSection, ModelSection, OptimSection, RunSection, WandbSection
+from minitune.train.sections import DataSection, ModelSection, OptimSection, RunSection, SyntheticRejected, WandbSection
 from minitune.train.setup import (build_base, check_memory, finish_model, finish_run, progress_bar, restore_adapter,
                                   restore_state, save_state, start_run)
 from minitune.train.control import StopSignal, check_finite
@@ -91,6 +91,9 @@ def evaluate(model, pairs, cfg: RewardConfig, pad_id, device) -> dict:
 
 def train(cfg: RewardConfig) -> dict:
     # 1. Set-up: process group, output folder and resume point, resolved config.
+    if cfg.data.synthetic_rejected == SyntheticRejected.OWN:
+        raise MinituneError("data.synthetic_rejected=own samples a start adapter's mistakes (DPO only); "
+                            "the reward model takes echo or near_miss")
     ctx = start_run(cfg)
     info, device, out_dir, resume, tok, log, grad_accum = ctx
     seed_everything(cfg.run.seed)

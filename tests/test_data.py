@@ -10,7 +10,8 @@ from minitune import MinituneError, build_model
 from minitune.data import Columns, ConstantLengthDataset, Document, Template, load_rows, make_formatter, tokenize_rows
 from minitune.data.preference import PairStats, PreferencePair, hh_chat_pair, hh_messages, parse_pairs, split_hh
 from minitune.data.prompts import encode_prompts
-from minitune.data.synthetic import correctness_reward, is_correct, make_task, train_eval_split, wrong_answer
+from minitune.data.synthetic import (correctness_reward, is_correct, make_task, near_miss_answer, normalize,
+                                     train_eval_split, wrong_answer)
 from minitune.model import ModelConfig
 from conftest import HH_PATH, SELF_INSTRUCT_PATH
 
@@ -251,6 +252,35 @@ def test_synthetic_task_is_deterministic_disjoint_and_scored():
         assert is_correct(ex["answer"] + ".", ex["answer"]) and is_correct(" " + ex["answer"] + "\nmore", ex["answer"])
         assert not is_correct(wrong_answer(ex, rng), ex["answer"])
     assert correctness_reward(["1571", "no"], ["1571", "3"]) == [1.0, 0.0]
+
+
+def test_near_miss_answers_are_wrong_by_one_slip_of_the_right_form():
+    rng = random.Random(0)
+    for ex in make_task(2000):
+        ans, miss = ex["answer"], near_miss_answer(ex, rng)
+        assert not is_correct(miss, ans), ex
+        if ex["family"] in ("reverse", "sort"):  # the same numbers, two neighbours swapped
+            a, m = ans.split(", "), normalize(miss).split(", ")
+            diff = [i for i in range(len(a)) if a[i] != m[i]]
+            assert sorted(a) == sorted(m) and len(diff) == 2 and diff[1] == diff[0] + 1, (ans, miss)
+        elif ex["family"] == "add":  # one power of ten off: a carry slip
+            assert abs(int(miss) - int(ans)) in {1, 10, 100, 1000}, (ans, miss)
+        else:  # another factor applied to the same quantity
+            n = int(ex["prompt"].split()[1])
+            assert int(miss) % n == 0 and int(miss) != int(ans), (ex["prompt"], miss)
+
+
+def test_synthetic_pairs_take_the_rejected_kind_from_the_config(demo_tok):
+    from minitune.data.preference import load_preference_pairs
+    from minitune.train.sections import DataSection
+
+    echo, _, _ = load_preference_pairs(DataSection(synthetic_train=40, synthetic_eval=8), demo_tok, 0)
+    near, _, _ = load_preference_pairs(DataSection(synthetic_train=40, synthetic_eval=8,
+                                                   synthetic_rejected="near_miss"), demo_tok, 0)
+    assert [p.chosen for p in echo] == [p.chosen for p in near]
+    given = [p.prompt for p in echo]
+    assert sum(p.rejected in q for p, q in zip(echo, given)) >= len(echo) - 2  # the input given back (an already sorted list: rotated)
+    assert sum(p.rejected in q for p, q in zip(near, given)) < len(near) // 2
 
 
 def test_held_out_rows_come_from_eval_source_when_given(tmp_path, demo_tok):

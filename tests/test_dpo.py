@@ -178,3 +178,35 @@ def test_synthetic_config_is_the_embedded_default():
     yaml_file = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "dpo_synthetic.yaml"
     assert to_dict(parse_cli(dpo_recipe.DPOConfig, ["--config", str(yaml_file)])) == \
         to_dict(parse_cli(dpo_recipe.DPOConfig, []))
+
+
+def test_own_mistake_pairs_pair_the_reference_with_a_wrong_sampled_answer(tiny, demo_tok):
+    from minitune import load_model
+    from minitune.data.own_mistakes import own_mistake_pairs
+    from minitune.data.synthetic import is_correct, make_task
+
+    model, examples = load_model(tiny), make_task(12)
+    pairs, stats = own_mistake_pairs(model, demo_tok, examples, wanted=5, samples=3, prompts_per_call=4, seed=1)
+    assert len(pairs) == stats.pairs == 5 and stats.prompts == stats.pairs + stats.all_right <= 8  # stops when enough
+    answers = {ex["answer"] for ex in examples}
+    for p in pairs:
+        assert p.chosen in answers and p.rejected and not is_correct(p.rejected, p.chosen)
+        assert p.prompt.endswith("assistant\n") and "Reply with the answer only." in p.prompt  # as SFT renders it
+    again, _ = own_mistake_pairs(model, demo_tok, examples, wanted=5, samples=3, prompts_per_call=4, seed=1)
+    assert again == pairs  # the same seed samples the same mistakes
+
+
+@pytest.mark.slow
+def test_recipe_trains_on_own_mistakes_and_resumes_exactly(tiny, tmp_path):
+    from minitune.train.metrics import read_metrics
+
+    own = {"data.synthetic_rejected": "own", "run.max_steps": 4, "run.save_every": 2}
+    first = run(base_args(tiny, tmp_path / "a", **own))
+    assert first["train_pairs_per_rank"] == 16  # max_steps x batch_size: sampled until there are enough
+    run(base_args(tiny, tmp_path / "b", **own, **{"run.resume": tmp_path / "a" / "checkpoints" / "step_00000002"}))
+    full = [r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "lr" in r]
+    resumed = [r["loss"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl") if "lr" in r]
+    assert len(full) == 4 and resumed == pytest.approx(full[2:], abs=1e-6)  # the same pairs after a resume
+    with pytest.raises(MinituneError, match="data.synthetic_rejected=own samples a start adapter's mistakes"):
+        load_recipe("reward_model").train(parse_cli(load_recipe("reward_model").RewardConfig,
+                                                    ["data.synthetic_rejected=own", f"run.output_dir={tmp_path / 'r'}"]))

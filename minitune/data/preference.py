@@ -107,18 +107,28 @@ def pair_batches(pairs, batch_size: int, seed: int, start_index: int = 0):
         epoch += 1
 
 
-def synthetic_preference_pairs(n_train: int, n_eval: int, tok: Tokenizer, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """A correct answer preferred to a plausible wrong one, on the synthetic task's prompts (rendered
-    with the chat template and the task's system line, as SFT trains them)."""
+def synthetic_preference_pairs(n_train: int, n_eval: int, tok: Tokenizer, seed: int,
+                               rejected: str = "echo") -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """A correct answer preferred to a wrong one, on the synthetic task's prompts (rendered with the
+    chat template and the task's system line, as SFT trains them). rejected: "echo" (the input given
+    back: `wrong_answer`) or "near_miss" (the right form with one slip: `near_miss_answer`); "own"
+    gives near-miss pairs here, whose training side the DPO recipe replaces with the start adapter's
+    own mistakes (`minitune.data.own_mistakes`) once the model is built."""
     from minitune.data.prompts import render_prompt
-    from minitune.data.synthetic import SYSTEM, train_eval_split, wrong_answer
+    from minitune.data.synthetic import SYSTEM, near_miss_answer, train_eval_split, wrong_answer
+
+    kinds = {"echo": wrong_answer, "near_miss": near_miss_answer, "own": near_miss_answer}  # own: see own_mistakes.py
+    kind = getattr(rejected, "value", rejected)
+    if kind not in kinds:
+        raise MinituneError(f"data.synthetic_rejected={kind!r} is not one of {sorted(kinds)}")
+    wrong = kinds[kind]
 
     rng = random.Random(seed)
     train, evals = train_eval_split(n_train, n_eval, seed=seed)
 
     def pairs(rows):
         return [PreferencePair(render_prompt(ex["prompt"], tok, chat=True, system=SYSTEM), ex["answer"],
-                               wrong_answer(ex, rng)) for ex in rows]
+                               wrong(ex, rng)) for ex in rows]
 
     return pairs(train), pairs(evals)
 
@@ -132,7 +142,8 @@ def load_preference_pairs(data, tok: Tokenizer, seed: int) -> tuple[list[Prefere
 
     stats = PairStats()
     if data.source == "synthetic":
-        train, evals = synthetic_preference_pairs(data.synthetic_train, data.synthetic_eval, tok, seed)
+        train, evals = synthetic_preference_pairs(data.synthetic_train, data.synthetic_eval, tok, seed,
+                                                   data.synthetic_rejected)
         stats.kept = len(train) + len(evals)
         return train, evals, stats
     train_rows, eval_rows = train_and_eval_rows(data.source, [data.chosen_column, data.rejected_column],

@@ -59,7 +59,7 @@ def wrong_answer(ex: dict, rng: random.Random) -> str:
     """A wrong answer of the kind small models actually give: echoing the input instead of working
     on it (for preference pairs). Reverse/sort: the input list unchanged; convert: the number left
     unconverted; add: one operand repeated. Subtler errors (one wrong digit in a sum) are not
-    learnable by a small reward model in minutes: see `digit_error_answer`."""
+    learnable by a small reward model in minutes: see `near_miss_answer`."""
     fam, ans = ex["family"], ex["answer"]
     if fam in ("reverse", "sort"):
         given = ex["prompt"].split(": ", 1)[1]
@@ -73,15 +73,23 @@ def wrong_answer(ex: dict, rng: random.Random) -> str:
     return ex["prompt"].split()[1]  # "Convert 7 km to m." -> "7"
 
 
-def digit_error_answer(ex: dict, rng: random.Random) -> str:
-    """A harder wrong answer: the right form with one digit or power of ten off."""
+def near_miss_answer(ex: dict, rng: random.Random) -> str:
+    """A wrong answer of the right form, the kind a model that has learnt the format still gives:
+    add: one digit off by one (a carry slip); reverse/sort: two neighbours swapped; convert: the
+    factor of another unit pair (x60 for x24) or a power of ten off."""
     fam, ans = ex["family"], ex["answer"]
     if fam in ("reverse", "sort"):
         xs = ans.split(", ")
-        xs[0], xs[1] = xs[1], xs[0]
+        i = rng.randrange(len(xs) - 1)
+        xs[i], xs[i + 1] = xs[i + 1], xs[i]
         return ", ".join(xs)
     value = int(ans)
-    return str(value + rng.choice([-100, -10, 10, 100])) if fam == "add" else str(rng.choice([value // 10, value * 10]))
+    if fam == "add":
+        return str(value + rng.choice([-1, 1]) * 10 ** rng.randrange(len(ans) - 1))
+    n = int(re.findall(r"\d+", ex["prompt"])[0])
+    k = value // n
+    factors = sorted(({f for _, _, f in _UNITS} | {k * 10, max(k // 10, 1)}) - {k})
+    return str(n * rng.choice(factors))
 
 
 def normalize(text: str) -> str:

@@ -132,6 +132,12 @@ class WandbSection:
     mode: str = "offline"  # offline works with no account or network; WANDB_MODE overrides
 
 
+class SyntheticRejected(str, Enum):
+    ECHO = "echo"
+    NEAR_MISS = "near_miss"
+    OWN = "own"  # DPO only: the start adapter's own wrong samples (held-out pairs: near_miss)
+
+
 @dataclass
 class DataSection:
     """source: "synthetic" (the project's task), or a file/folder/hub dataset."""
@@ -154,6 +160,10 @@ class DataSection:
     shuffle_buffer: int = 16
     synthetic_train: int = 2000
     synthetic_eval: int = 100
+    # the rejected side of synthetic preference pairs (reward model, DPO): echo (the input given back,
+    # unchanged list or operand), near_miss (the right form, one slip: a digit, two neighbours, a factor)
+    # or own (DPO: a wrong answer the start adapter samples; its held-out pairs are near_miss)
+    synthetic_rejected: SyntheticRejected = SyntheticRejected.ECHO
 
     def __post_init__(self):
         require(self.seq_length >= 2, "seq_length", self.seq_length, "must be >= 2 tokens")
