@@ -117,7 +117,9 @@ def toy_args(toy_folder, out, **extra):
     args = {"model.path": folder, "data.source": prompts, "data.template": "text", "run.progress": "false",
             "run.save_every": 0, "grpo.rollout_batch": 32, "grpo.group_size": 4, "gen.min_new_tokens": 8,
             "gen.max_new_tokens": 8, "init_adapter": "", "reward.function": "helpers:share_of_letter_a", "lora.r": 8,
-            "optim.lr": 1e-2, "run.max_steps": 30, "run.output_dir": out}
+            "optim.lr": 1e-2, "run.max_steps": 30, "run.output_dir": out,
+            # as measured below (the embedded default since moved to Dr. GRPO with a KL term)
+            "grpo.beta": 0.0, "grpo.scale_advantages": "true", "grpo.micro_batch": 16}
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
