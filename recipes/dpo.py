@@ -143,16 +143,20 @@ def train(cfg: DPOConfig) -> dict:
     # data.synthetic_rejected=own the training pairs are sampled once the model is built, below).
     own = cfg.data.source == "synthetic" and cfg.data.synthetic_rejected == SyntheticRejected.OWN
     train_pairs, eval_pairs, stats = load_preference_pairs(cfg.data, tok, cfg.run.seed)
-    train_ids, eval_ids = tokenize(train_pairs, tok, cfg, stats), tokenize(eval_pairs, tok, cfg, stats)
-    if info.is_main and not own:
-        print(stats.summary())
-    if not train_ids:
-        raise MinituneError(f"every training pair was skipped ({stats.summary()}); check "
-                            "data.chosen_column / data.rejected_column and that the two sides differ")
-    train_ids, eval_ids = train_ids[info.rank::info.world_size], eval_ids[info.rank::info.world_size]
-    if len(train_ids) < cfg.run.batch_size:
-        raise MinituneError(f"only {len(train_ids)} training pairs per rank; lower run.batch_size")
-    total_steps = cfg.run.max_steps or max(1, int(cfg.run.epochs * len(train_ids) / (cfg.run.batch_size * grad_accum)))
+    eval_ids = tokenize(eval_pairs, tok, cfg, stats)[info.rank::info.world_size]
+    train_ids = []
+    if own:
+        stats.kept = len(eval_pairs)  # the training pairs come below
+    else:
+        train_ids = tokenize(train_pairs, tok, cfg, stats)
+        if info.is_main:
+            print(stats.summary())
+        if not train_ids:
+            raise MinituneError(f"every training pair was skipped ({stats.summary()}); check "
+                                "data.chosen_column / data.rejected_column and that the two sides differ")
+        train_ids = train_ids[info.rank::info.world_size]
+        if len(train_ids) < cfg.run.batch_size:
+            raise MinituneError(f"only {len(train_ids)} training pairs per rank; lower run.batch_size")
 
     # 3. Model: one frozen base; policy adapter (a trainable copy of init, or fresh) and the reference.
     seed_everything(cfg.run.seed)
@@ -162,19 +166,18 @@ def train(cfg: DPOConfig) -> dict:
     reference = attach_policy(base, init, cfg.lora)
     if own:  # the start adapter's (the reference's) mistakes: the same pairs whether or not the run resumed
         examples = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)[0]
-        wanted = total_steps * cfg.run.batch_size * grad_accum if cfg.run.max_steps else len(examples)
+        wanted = cfg.run.max_steps * cfg.run.batch_size * grad_accum or len(examples)
         with reference():
             pairs, mistakes = own_mistake_pairs(base, tok, examples[info.rank::info.world_size], wanted=wanted,
                                                 seed=cfg.run.seed + info.rank, device=device)
-        stats = PairStats(kept=len(pairs) + len(eval_pairs))
+        stats.kept += len(pairs)
         train_ids = tokenize(pairs, tok, cfg, stats)
         if info.is_main:
             print(f"{mistakes.summary()}; held-out pairs: near misses; {stats.summary()}")
         if len(train_ids) < cfg.run.batch_size:
             raise MinituneError(f"the start adapter got only {len(train_ids)} training prompts wrong; "
                                 "set data.synthetic_rejected=near_miss or raise data.synthetic_train")
-        if not cfg.run.max_steps:
-            total_steps = max(1, int(cfg.run.epochs * len(train_ids) / (cfg.run.batch_size * grad_accum)))
+    total_steps = cfg.run.max_steps or max(1, int(cfg.run.epochs * len(train_ids) / (cfg.run.batch_size * grad_accum)))
     if resume is not None:
         restore_adapter(base, resume, "policy")
     model = finish_model(base, cfg.model, cfg.run, info)
