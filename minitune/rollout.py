@@ -123,10 +123,16 @@ def stop_cut(tok: Tokenizer, tokens: list[int], stops: Sequence[str]) -> int | N
     if not hits:
         return None
     start = min(hits)
-    keep = 0
-    while keep < len(tokens) and len(tok.decode(tokens[: keep + 1])) <= start:
-        keep += 1
-    return max(keep, 1)
+    # the longest prefix whose text ends at or before `start` (prefix text only grows with more
+    # tokens): a binary search, O(log n) decodes instead of one per token
+    lo, hi = 0, len(tokens)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tok.decode(tokens[:mid])) <= start:
+            lo = mid
+        else:
+            hi = mid - 1
+    return max(lo, 1)
 
 
 def cut_at_stop_strings(out: GenerationOutput, tok: Tokenizer, stops: Sequence[str], prompt_len: int,

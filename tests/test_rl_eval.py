@@ -47,6 +47,35 @@ def test_stop_strings_cut_answers_before_the_stop(demo_tok):
     assert same is out and not none.any()
 
 
+def test_stop_cut_finds_the_same_prefix_as_a_token_by_token_scan(demo_tok):
+    """stop_cut binary-searches the kept prefix; a scan that decodes one more token at a time is the
+    reference, on random texts with stop strings anywhere (also inside multi-byte characters' runs)."""
+    import random
+
+    tok, rng = demo_tok, random.Random(0)
+    words = ["Sure", ",", " here", "\n", "\n\n", "Human:", " naïve", " 日本語", " 42", "!", " ok", "Assistant:", " "]
+
+    def scan(tokens, stops):
+        text = tok.decode(tokens)
+        lead = len(text) - len(text.lstrip())
+        hits = [i for i in (text.find(s, lead) for s in stops) if i >= 0]
+        if not hits:
+            return None
+        keep = 0
+        while keep < len(tokens) and len(tok.decode(tokens[: keep + 1])) <= min(hits):
+            keep += 1
+        return max(keep, 1)
+
+    checked = 0
+    for _ in range(200):
+        tokens = tok.encode("".join(rng.choice(words) for _ in range(rng.randint(1, 30))))
+        stops = rng.sample(["\n\n", "Human:", "!", "日本"], rng.randint(1, 2))
+        want = scan(tokens, stops)
+        assert stop_cut(tok, tokens, stops) == want
+        checked += want is not None
+    assert checked > 100
+
+
 def test_rl_prompts_hold_out_the_reward_models_held_out_pairs(demo_tok):
     if not HH_PATH.exists():
         pytest.skip(f"{HH_PATH} not found")
@@ -108,3 +137,4 @@ def test_synthetic_held_out_report_agrees_with_its_saved_answers(demo_model, dem
     for fam in ("add", "reverse", "sort", "convert"):
         mine = [r["correct"] for r in rows if r["family"] == fam]
         assert len(mine) == 2 and report[f"exact_match_{fam}"] == sum(mine) / 2
+
