@@ -133,6 +133,9 @@ def check_config(cfg: PPOConfig) -> None:
     if k < 1 or cfg.ppo.rollout_batch % k:
         raise MinituneError(f"ppo.rollout_batch ({cfg.ppo.rollout_batch}) must be a multiple of "
                             f"ppo.samples_per_prompt ({k}): it counts responses, {k} per prompt")
+    if cfg.ppo.mini_batch < 1 or cfg.ppo.mini_batch % k:
+        raise MinituneError(f"ppo.mini_batch ({cfg.ppo.mini_batch}) must be a positive multiple of "
+                            f"ppo.samples_per_prompt ({k}): a minibatch holds whole prompts with all their responses")
     if cfg.ppo.group_baseline and k < 2:
         raise MinituneError("ppo.group_baseline compares a prompt's responses with each other: set "
                             "ppo.samples_per_prompt to 2 or more, or group_baseline=false")

@@ -230,7 +230,8 @@ def test_group_settings_are_checked_before_loading(tmp_path):
 
     ppo = load_recipe("ppo")
     bad = [(["ppo.rollout_batch=10", "ppo.samples_per_prompt=4"], "multiple of ppo.samples_per_prompt"),
-           (["ppo.samples_per_prompt=1", "ppo.group_baseline=true"], "samples_per_prompt to 2 or more")]
+           (["ppo.samples_per_prompt=1", "ppo.group_baseline=true"], "samples_per_prompt to 2 or more"),
+           (["ppo.rollout_batch=16", "ppo.samples_per_prompt=4", "ppo.mini_batch=6"], "mini_batch .6. must be a positive multiple")]
     for args, msg in bad:
         with pytest.raises(MinituneError, match=msg):  # model.path does not exist: the check comes first
             ppo.train(parse_cli(ppo.PPOConfig, args + [f"model.path={tmp_path / 'none'}",
