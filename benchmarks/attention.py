@@ -18,20 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save  # noqa: E402
-
-
-def packed_positions(batch: int, seq: int, seed: int = 0):
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        pos: list[int] = []
-        while len(pos) < seq:
-            pos += range(int(torch.randint(64, 701, (1,), generator=g)))
-        rows.append(pos[:seq])
-    return torch.tensor(rows)
+from common import packed_blocks, save  # noqa: E402
 
 
 def time_path(q, k, v, mask, repeats: int) -> float:
@@ -82,7 +69,7 @@ def main(argv=None):
         q = torch.randn(B, a.heads, seq, a.head_dim, generator=g).to(dev, dtype).requires_grad_()
         k = torch.randn(B, a.kv_heads, seq, a.head_dim, generator=g).to(dev, dtype).requires_grad_()
         v = torch.randn(B, a.kv_heads, seq, a.head_dim, generator=g).to(dev, dtype).requires_grad_()
-        pos = packed_positions(B, seq).to(dev)
+        pos = packed_blocks(B, seq, 1)[0]["position_ids"].to(dev)
         causal = time_path(q, k, v, None, a.repeats)
         row = {"B x T": f"{B}x{seq}", "causal ms": causal * 1e3}
         for impl in paths:

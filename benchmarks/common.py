@@ -24,6 +24,25 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def packed_blocks(batch: int, seq: int, n: int, seed: int = 0, vocab: int = 32000) -> list[dict]:
+    """n batches of {input_ids, position_ids, labels} [batch, seq] as SFT trains on them: random
+    documents of 64-700 tokens packed by `ConstantLengthDataset` (positions restart per document)."""
+    import torch
+
+    from minitune.data import ConstantLengthDataset, Document
+
+    g = torch.Generator().manual_seed(seed)
+
+    def documents(rows):
+        return [Document(r, [True] * len(r)) for r in rows], 0
+
+    docs = [torch.randint(3, vocab, (int(torch.randint(64, 701, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n * batch * seq // 300 + 16)]
+    blocks = iter(ConstantLengthDataset(docs, documents, seq_length=seq, shard=(0, 1)))
+    return [{k: torch.stack([b[k] for b in chunk]) for k in ("input_ids", "position_ids", "labels")}
+            for chunk in ([next(blocks) for _ in range(batch)] for _ in range(n))]
+
+
 def run_worker(script: Path, args: list[str], timeout: int = 3600, env: dict | None = None) -> dict:
     """Runs `python script --worker ...args` (with `env` added to the environment) and returns the
     JSON it prints last."""

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import current_rss_bytes, peak_rss_bytes, run_worker, save  # noqa: E402
+from common import current_rss_bytes, packed_blocks, peak_rss_bytes, run_worker, save  # noqa: E402
 
 SHAPES = {  # Hugging Face config values
     "tiny": dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -83,21 +83,7 @@ def make_batches(a, n: int) -> list[dict]:
             out.append({"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
                         "position_ids": torch.arange(a.seq).repeat(a.batch, 1)})
         return out
-    from minitune.data import ConstantLengthDataset, Document
-
-    def documents(rows):
-        return [Document(r, [True] * len(r)) for r in rows], 0
-
-    docs = [torch.randint(3, 32000, (int(torch.randint(64, 701, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n * a.batch * a.seq // 300 + 16)]
-    blocks = iter(ConstantLengthDataset(docs, documents, seq_length=a.seq, shard=(0, 1)))
-    return [_stack([next(blocks) for _ in range(a.batch)]) for _ in range(n)]
-
-
-def _stack(blocks: list[dict]) -> dict:
-    import torch
-
-    return {k: torch.stack([b[k] for b in blocks]) for k in ("input_ids", "position_ids", "labels")}
+    return packed_blocks(a.batch, a.seq, n)
 
 
 def worker(a) -> dict:
