@@ -1,6 +1,8 @@
 """Exact-match accuracy of greedy answers on synthetic-task prompts (used by SFT and PPO)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from minitune.data.synthetic import is_correct
@@ -48,3 +50,31 @@ def format_report(report: dict[str, float]) -> str:
     """"0.630 (add 0.55, convert 0.38, ...)" for a printed line."""
     families = ", ".join(f"{k.removeprefix('exact_match_')} {v:.2f}" for k, v in report.items() if k != "exact_match")
     return f"{report['exact_match']:.3f}" + (f" ({families})" if families else "")
+
+
+def headroom_report(examples: list[dict], greedy: list[str], samples: list[list[str]],
+                    reward: Callable[[list[str], list[str]], list[float]] | None = None) -> dict[str, dict[str, float]]:
+    """What RL from exact-match rewards can gain on these prompts, per family and "all": each
+    example's greedy answer and k sampled answers give
+      greedy       share answered right greedily (the held-out metric)
+      pass_at_k    share with at least one right sample: the ceiling of sharpening alone
+      sample_mean  share of samples that are right
+      fixable      greedy wrong, some sample right: where a group-relative update can move greedy
+      stuck        greedy wrong, no sample right: exact-match gives these prompts no gradient
+      signal       share of groups whose samples' rewards (`reward`, default exact-match) differ:
+                   the groups GRPO updates on."""
+    if not (len(examples) == len(greedy) == len(samples)):
+        raise ValueError(f"{len(examples)} examples, {len(greedy)} greedy answers, {len(samples)} sample lists")
+    reward = reward or (lambda rs, refs: [float(is_correct(r, ref)) for r, ref in zip(rs, refs)])
+    rows: dict[str, list[dict[str, float]]] = {}
+    for ex, g, ss in zip(examples, greedy, samples):
+        right = [is_correct(s, ex["answer"]) for s in ss]
+        scores = reward(list(ss), [ex["answer"]] * len(ss))
+        g_ok = is_correct(g, ex["answer"])
+        row = {"greedy": float(g_ok), "pass_at_k": float(any(right)), "sample_mean": sum(right) / max(len(right), 1),
+               "fixable": float(not g_ok and any(right)), "stuck": float(not g_ok and not any(right)),
+               "signal": float(len(set(scores)) > 1)}
+        for key in {ex.get("family", "all"), "all"}:
+            rows.setdefault(key, []).append(row)
+    return {fam: {"prompts": len(rs), **{k: sum(r[k] for r in rs) / len(rs) for k in rs[0]}}
+            for fam, rs in sorted(rows.items(), key=lambda kv: (kv[0] == "all", kv[0]))}

@@ -138,3 +138,38 @@ def test_synthetic_held_out_report_agrees_with_its_saved_answers(demo_model, dem
         mine = [r["correct"] for r in rows if r["family"] == fam]
         assert len(mine) == 2 and report[f"exact_match_{fam}"] == sum(mine) / 2
 
+
+def test_headroom_report_counts_against_a_loop():
+    """Per family and overall: greedy, pass@k, sample mean, fixable (greedy wrong, a sample right),
+    stuck (no answer right) and signal (samples' rewards differ), each checked against a plain loop."""
+    import random
+
+    from minitune.data.synthetic import make_task, near_miss_answer, partial_credit_reward
+    from minitune.evaluation import headroom_report
+
+    rng = random.Random(0)
+    examples = make_task(40)
+    pick = lambda ex: ex["answer"] if rng.random() < 0.5 else near_miss_answer(ex, rng)  # noqa: E731
+    greedy = [pick(ex) for ex in examples]
+    samples = [[pick(ex) for _ in range(4)] for ex in examples]
+    for reward in (None, partial_credit_reward):
+        got = headroom_report(examples, greedy, samples, reward=reward)
+        assert list(got) == ["add", "convert", "reverse", "sort", "all"]
+        for fam, st in got.items():
+            idx = [i for i, ex in enumerate(examples) if fam in ("all", ex["family"])]
+            ok = lambda a, i: a == examples[i]["answer"]  # noqa: E731
+            n = len(idx)
+            assert st["prompts"] == n
+            assert st["greedy"] == pytest.approx(sum(ok(greedy[i], i) for i in idx) / n)
+            assert st["pass_at_k"] == pytest.approx(sum(any(ok(s, i) for s in samples[i]) for i in idx) / n)
+            assert st["sample_mean"] == pytest.approx(sum(ok(s, i) for i in idx for s in samples[i]) / (4 * n))
+            assert st["fixable"] == pytest.approx(
+                sum(not ok(greedy[i], i) and any(ok(s, i) for s in samples[i]) for i in idx) / n)
+            assert st["stuck"] == pytest.approx(
+                sum(not ok(greedy[i], i) and not any(ok(s, i) for s in samples[i]) for i in idx) / n)
+            score = (lambda i: [float(ok(s, i)) for s in samples[i]]) if reward is None else \
+                (lambda i: reward(samples[i], [examples[i]["answer"]] * 4))
+            assert st["signal"] == pytest.approx(sum(len(set(score(i))) > 1 for i in idx) / n)
+    assert 0 < got["all"]["stuck"] < 1 and 0 < got["all"]["fixable"] < 1  # the cases occur
+    with pytest.raises(ValueError, match="40 examples, 39 greedy"):
+        headroom_report(examples, greedy[:-1], samples)
