@@ -13,6 +13,8 @@ R response tokens, right-padded, mask 1 up to and including the EOS.
   original GRPO).
 - groups whose scores are all equal have advantage 0 for every answer: they carry no signal,
   and the recipe skips them before the update forward.
+- guidance (optional): a group with no answer as good as the prompt's reference answer gets the
+  reference in place of its worst answer (`rows_to_guide`).
 """
 from __future__ import annotations
 
@@ -61,6 +63,20 @@ def informative_groups(scores: torch.Tensor, group: int) -> torch.Tensor:
     """[n_groups] bool: True where the group's scores are not all equal (its advantages are not all 0)."""
     g = _groups(scores, group)
     return (g != g[:, :1]).any(1)
+
+
+def rows_to_guide(scores: torch.Tensor, reference_scores: torch.Tensor, group: int) -> list[int]:
+    """Off-policy guidance (LUFFY, Yan et al. 2025): for each group none of whose answers scores as
+    well as the prompt's reference answer ([n_groups] `reference_scores`), the row of its
+    lowest-scoring answer (the first of equals), where the reference answer goes. Such a group would
+    otherwise carry no signal (all wrong under exact match) or only a weak one (partial credit); with
+    the reference in it, the update raises the right answer's likelihood on prompts the policy never
+    samples right. Empty when every group has an answer as good as its reference."""
+    g = _groups(scores, group)
+    if reference_scores.shape != (g.shape[0],):
+        raise MinituneError(f"{reference_scores.numel()} reference scores for {g.shape[0]} groups")
+    need = (g < reference_scores[:, None].to(g.dtype)).all(1)
+    return [int(i) * group + int(g[i].argmin()) for i in need.nonzero().flatten()]
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -117,4 +133,4 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 __all__ = ["Aggregation", "GRPOStats", "aggregate", "clipped_surrogate", "group_advantages", "grpo_loss",
-           "informative_groups", "k3_kl"]
+           "informative_groups", "k3_kl", "rows_to_guide"]

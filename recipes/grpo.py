@@ -22,13 +22,13 @@ import torch
 from minitune.data.synthetic import SYSTEM, is_correct
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError, require
-from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups
+from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups, rows_to_guide
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
 from minitune.ppo import policy_forward
 from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
-                              sample_rollout, score_rollout)
+                              sample_rollout, score_rollout, score_with_function, with_answers)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection, RewardSource,
@@ -53,6 +53,10 @@ class GRPOSection:
     mini_batches: int = 1  # optimizer steps per pass; > 1 (or epochs > 1) makes the clipping matter
     micro_batch: int = 16  # answers per forward/backward, whole groups (memory only: the gradient is the same)
     skip_equal_groups: bool = True  # drop groups whose answers all scored alike before the update forward
+    # a group none of whose answers scores as well as the prompt's reference answer gets the reference in place of
+    # its worst answer (off-policy guidance, LUFFY): prompts the policy never samples right still teach it.
+    # Needs reference answers (the synthetic task, or a `reference` column) and a reward function
+    guide: bool = False
 
     def __post_init__(self):
         require(self.group_size >= 2, "group_size", self.group_size, "must be >= 2: GRPO compares a prompt's answers")
@@ -175,11 +179,16 @@ def train(cfg: GRPOConfig) -> dict:
     init = resolve_init_adapter(cfg.init_adapter, cfg.model.path)
     reward_fn = None if cfg.reward.adapter else resolve_reward_fn(cfg.reward.function)
     if cfg.reward.adapter:
+        require(not cfg.grpo.guide, "grpo.guide", True, "scores reference answers with the reward function: "
+                "use reward.function, not reward.adapter, or set grpo.guide=false")
         check_reward_adapter(cfg.data, cfg.reward.adapter)
     ctx = start_run(cfg)
     info, device, out_dir, resume, tok, log, _ = ctx
     split = load_prompts(cfg.data, cfg.run.seed, tok)
     prompts, refs = split.prompts, split.references
+    if cfg.grpo.guide and any(r is None for r in refs):
+        raise MinituneError("grpo.guide puts a prompt's reference answer into its group, but these prompts have none: "
+                            "use data with a `reference` column (or the synthetic task), or set grpo.guide=false")
     order = list(range(len(prompts)))
     random.Random(cfg.run.seed).shuffle(order)
     mine = order[info.rank::info.world_size]
@@ -233,8 +242,16 @@ def train(cfg: GRPOConfig) -> dict:
             t1 = time.perf_counter()
             raw = score_rollout(ro, policy, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                                 device=device)
-            adv = group_advantages(raw, G, scale=cfg.grpo.scale_advantages)
-            keep = informative_groups(raw, G) if cfg.grpo.skip_equal_groups else torch.ones(len(picked), dtype=torch.bool)
+            sampled, scores, guided = ro, raw, []
+            if cfg.grpo.guide:  # the reference answer in place of the worst answer of groups with none as good
+                ref_scores = score_with_function(reward_fn, cfg.reward.function, ro.references[::G], ro.references[::G],
+                                                 device)
+                guided = rows_to_guide(raw, ref_scores, G)
+                ro = with_answers(ro, {b: ro.references[b] for b in guided}, tok)
+                scores = raw.clone()
+                scores[guided] = ref_scores[[b // G for b in guided]]
+            adv = group_advantages(scores, G, scale=cfg.grpo.scale_advantages)
+            keep = informative_groups(scores, G) if cfg.grpo.skip_equal_groups else torch.ones(len(picked), dtype=torch.bool)
             row_weight = keep.repeat_interleave(G).float().to(device)
             if info.world_size > 1:  # every rank runs the same number of forwards: skipped groups stay, weightless
                 groups = list(range(len(picked)))
@@ -256,10 +273,11 @@ def train(cfg: GRPOConfig) -> dict:
             step += 1
 
             # 7. Metrics, samples, held-out evaluation, checkpoint.
-            n = len(ro.responses)
+            ro, n = sampled, len(sampled.responses)  # statistics of what the policy sampled
             sums = all_reduce_sum(torch.tensor([float(raw.sum()), float(keep.sum()), float(len(picked))], device=device))
             stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": raw.std().item(),
                      "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(groups), **up,
+                     **({"guided_groups": len(guided) / len(picked)} if cfg.grpo.guide else {}),
                      "response_length": ro.gen.lengths.float().mean().item(),
                      "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),
                      "stop_share": ro.stopped.float().mean().item(), "lr": sched.get_last_lr()[0],

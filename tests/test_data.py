@@ -11,7 +11,7 @@ from minitune.data import Columns, ConstantLengthDataset, Document, Template, lo
 from minitune.data.preference import PairStats, PreferencePair, hh_chat_pair, hh_messages, parse_pairs, split_hh
 from minitune.data.prompts import encode_prompts
 from minitune.data.synthetic import (correctness_reward, is_correct, make_task, near_miss_answer, normalize,
-                                     train_eval_split, wrong_answer)
+                                     order_credit, partial_credit_reward, train_eval_split, wrong_answer)
 from minitune.model import ModelConfig
 from conftest import HH_PATH, SELF_INSTRUCT_PATH
 
@@ -268,6 +268,34 @@ def test_near_miss_answers_are_wrong_by_one_slip_of_the_right_form():
         else:  # another factor applied to the same quantity
             n = int(ex["prompt"].split()[1])
             assert int(miss) % n == 0 and int(miss) != int(ans), (ex["prompt"], miss)
+
+
+def test_order_credit_counts_the_pairs_in_their_reference_order():
+    import itertools
+
+    ref = "9, 37, 38, 54"
+    for perm in itertools.permutations(ref.split(", ")):  # against a brute-force count of ordered pairs
+        want = sum(perm.index(a) < perm.index(b) for a, b in itertools.combinations(ref.split(", "), 2)) / 6
+        assert order_credit(", ".join(perm), ref) == pytest.approx(want)
+    assert order_credit(" 9,37 , 38, 54.", ref) == 1.0  # normalized like is_correct
+    # the SFT adapter's mistake (a one-digit number placed like text) earns less than a step toward its place
+    assert order_credit("37, 38, 54, 9", ref) < order_credit("37, 38, 9, 54", ref) < order_credit("37, 9, 38, 54", ref)
+    assert order_credit("9, 37, 38", ref) == pytest.approx(3 / 6 * 3 / 4)  # a dropped item loses its pairs and length
+    assert order_credit("9, 37, 38, 54, 54", ref) == pytest.approx(4 / 5)  # an extra item costs the length ratio
+    assert order_credit("", ref) == 0.0 and order_credit("I cannot", ref) == 0.0
+
+
+def test_partial_credit_reward_keeps_exact_answers_on_top():
+    rng = random.Random(0)
+    for ex in make_task(400):
+        ans, miss = ex["answer"], near_miss_answer(ex, rng)
+        right, wrong, echo = partial_credit_reward([ans, miss, wrong_answer(ex, rng)], [ans] * 3)
+        assert right == 1.0 and 0.0 <= echo < 0.5 and 0.0 <= wrong < 0.5
+        if ex["family"] in ("reverse", "sort"):  # a swapped neighbour pair loses one pair of many
+            assert wrong > 0.3
+        else:
+            assert wrong == 0.0  # numbers: right or wrong
+    assert partial_credit_reward(["1571", "no", "2, 1"], ["1571", "3", "1, 2"]) == [1.0, 0.0, 0.0]
 
 
 def test_synthetic_pairs_take_the_rejected_kind_from_the_config(demo_tok):

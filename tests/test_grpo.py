@@ -9,6 +9,7 @@ import torch
 
 from minitune import MinituneError
 from minitune.grpo import (Aggregation, aggregate, clipped_surrogate, group_advantages, grpo_loss, informative_groups,
+                           rows_to_guide,
                            k3_kl)
 from minitune.train.config import parse_cli
 from helpers import load_recipe
@@ -205,6 +206,95 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path):
     with pytest.raises(MinituneError, match="reward.function 'helpers:nope' cannot be imported"):
         run(["init_adapter=", "reward.function=helpers:nope", f"model.path={tmp_path / 'none'}",
              f"run.output_dir={tmp_path / 'o'}"])
+
+
+def test_rows_to_guide_picks_the_worst_answer_of_groups_below_their_reference():
+    torch.manual_seed(0)
+    for G in (2, 4, 8):
+        scores = torch.randint(0, 3, (5 * G,)).double() / 2  # scores in {0, 0.5, 1}: ties happen
+        refs = torch.tensor([1.0, 0.5, 1.0, 0.0, 1.0], dtype=torch.float64)
+        want = []
+        for i in range(5):  # loop reference
+            group = scores[i * G:(i + 1) * G].tolist()
+            if all(s < refs[i] for s in group):
+                want.append(i * G + group.index(min(group)))
+        assert rows_to_guide(scores, refs, G) == want
+    assert rows_to_guide(torch.tensor([1.0, 0, 0, 0]), torch.tensor([1.0, 1.0]), 2) == [2]  # first of equals
+    assert rows_to_guide(torch.ones(4), torch.ones(2), 2) == []
+    with pytest.raises(MinituneError, match="3 reference scores for 2 groups"):
+        rows_to_guide(torch.ones(4), torch.ones(3), 2)
+
+
+def test_guided_answers_are_the_reference_tokens_and_score_like_teacher_forcing(toy_folder):
+    """with_answers: a replaced row holds the reference's tokens and an EOS (widening the rollout
+    when it is longer than every sample), other rows are untouched, and the update forward's
+    log-probs of the replaced row equal a plain forward over prompt + reference."""
+    import random
+
+    from minitune import load_model
+    from minitune.ppo import logprobs_from_logits, policy_forward
+    from minitune.rollout import sample_rollout, with_answers
+    from minitune.tokenizer import load_tokenizer
+    from minitune.train.sections import GenSection
+
+    folder, _ = toy_folder
+    model, tok = load_model(folder).eval(), load_tokenizer(folder)
+    gen = GenSection(min_new_tokens=3, max_new_tokens=3, temperature=1.0, max_prompt_length=16)
+    ro = sample_rollout(model, tok, ["add two", "the cat sat"], ["x", "y"], gen=gen, k=2, rng=random.Random(0),
+                        chat=False, system=None, device=None)
+    long = "the cat sat on a mat please"
+    out = with_answers(ro, {1: long, 2: "cat"}, tok)
+    P, N = ro.query.shape[1], ro.gen.tokens.shape[1]
+    for b, text in ((1, long), (2, "cat")):
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_id]
+        n = len(ids)
+        assert out.gen.tokens[b, :n].tolist() == ids and out.gen.tokens[b, n:].eq(tok.pad_id).all()
+        assert out.gen.mask[b].sum() == n and out.gen.lengths[b] == n and out.gen.ended[b]
+        assert out.responses[b] == text and torch.equal(out.gen.sequences[b, :P], ro.gen.sequences[b, :P])
+    assert out.gen.tokens.shape[1] == len(tok.encode(long, add_special_tokens=False)) + 1 > N  # widened
+    for b in (0, 3):  # untouched
+        assert torch.equal(out.gen.tokens[b, :N], ro.gen.tokens[b]) and out.gen.mask[b, N:].eq(0).all()
+        assert out.responses[b] == ro.responses[b]
+    assert with_answers(ro, {}, tok) is ro
+    rows = torch.arange(4)
+    logp = policy_forward(model, out.gen.sequences[rows], out.attention_mask[rows], out.gen.mask[rows], 2, 1.0,
+                          values=False)[0]
+    for b in (1, 2):
+        n = int(out.gen.lengths[b])
+        prompt = ro.query[b][ro.query_mask[b].bool()]
+        ids = torch.cat([prompt, out.gen.tokens[b, :n]])[None]
+        with torch.no_grad():
+            want = logprobs_from_logits(model(ids)[0][:, len(prompt) - 1: -1], ids[:, len(prompt):])[0]
+        torch.testing.assert_close(logp[b, :n], want, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_teaches_a_reference_the_policy_never_samples(toy_folder, tmp_path):
+    """Every toy answer is wrong against the reference "cat" (exact match): plain GRPO sees groups of
+    equal scores and never updates; with grpo.guide the reference goes into every group and the policy
+    starts answering it. lr=0 is the control."""
+    import json as _json
+
+    folder, _ = toy_folder
+    prompts = tmp_path / "ref.jsonl"
+    prompts.write_text("\n".join(_json.dumps({"prompt": p, "reference": "cat"}) for p in ["add two", "sat on"] * 8))
+
+    def guided(lr, guide="true"):
+        return run(toy_args(toy_folder, tmp_path / f"{lr}_{guide}", **{
+            "data.source": prompts, "reward.function": "minitune.data.synthetic:correctness_reward", "grpo.guide": guide,
+            "grpo.rollout_batch": 16, "run.max_steps": 12, "optim.lr": lr}))["history"]
+
+    plain = guided(1e-2, "false")
+    assert all(not s["updated"] and s["score_mean"] == 0 for s in plain)  # no right sample: no signal
+    h = guided(1e-2)
+    assert h[0]["guided_groups"] == 1.0 and h[0]["score_mean"] == 0 and h[0]["updated"]
+    # mean of the last 4 steps, measured on this CPU for seeds 0/1/2: 0.23 / 0.38 / 0.38; lr=0: 0.0
+    assert sum(s["score_mean"] for s in h[-4:]) / 4 > 0.1, [s["score_mean"] for s in h]
+    control = guided(0.0)
+    assert not sum(s["score_mean"] for s in control[-4:]) / 4 > 0.1, [s["score_mean"] for s in control]
+    with pytest.raises(MinituneError, match="grpo.guide puts a prompt's reference answer into its group"):
+        run(toy_args(toy_folder, tmp_path / "none", **{"grpo.guide": "true", "run.max_steps": 1}))
+    with pytest.raises(MinituneError, match="grpo.guide=True .*use reward.function, not reward.adapter"):
+        run(toy_args(toy_folder, tmp_path / "adapter", **{"grpo.guide": "true", "reward.adapter": tmp_path}))
 
 
 def test_synthetic_config_is_the_embedded_default():

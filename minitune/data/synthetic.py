@@ -107,6 +107,44 @@ def correctness_reward(responses: list[str], references: list[str]) -> list[floa
     return [1.0 if is_correct(r, ref) else 0.0 for r, ref in zip(responses, references)]
 
 
+def _items(text: str) -> list[str]:
+    return [x for x in normalize(text).split(", ") if x]
+
+
+def order_credit(answer: str, reference: str) -> float:
+    """How much of a list answer is right, in [0, 1]: the share of the reference's pairs of items
+    that the answer holds in the same order (first occurrences; a missing item breaks its pairs),
+    times len ratio of the shorter to the longer list (extra or dropped items cost). A sort answer
+    that puts one item in the wrong place loses only that item's pairs, and moving it toward its
+    place earns credit step by step."""
+    ref, ans = _items(reference), _items(answer)
+    if len(ref) < 2 or not ans:
+        return float(ref == ans)
+    pos = {}
+    for i, x in enumerate(ans):
+        pos.setdefault(x, i)
+    pairs = [(a, b) for i, a in enumerate(ref) for b in ref[i + 1:]]
+    kept = sum(a in pos and b in pos and pos[a] < pos[b] for a, b in pairs)
+    return kept / len(pairs) * min(len(ans), len(ref)) / max(len(ans), len(ref))
+
+
+def partial_credit_reward(responses: list[str], references: list[str]) -> list[float]:
+    """1.0 for an exactly correct answer; a wrong list answer (reverse, sort) earns half its
+    `order_credit`, a wrong number 0. Exact-match alone gives no signal where every sampled answer
+    is wrong, which is how the SFT adapter fails at sorting (one-digit numbers placed like text:
+    "37, 38, 54, 9"); ordering credit rewards the samples that move such a number toward its place.
+    Config: `reward.function: minitune.data.synthetic:partial_credit_reward`."""
+    out = []
+    for r, ref in zip(responses, references):
+        if is_correct(r, ref):
+            out.append(1.0)
+        elif "," in ref:
+            out.append(0.5 * order_credit(r, ref))
+        else:
+            out.append(0.0)
+    return out
+
+
 def accuracy(answers: list[str], examples: list[dict]) -> float:
     return sum(is_correct(a, ex["answer"]) for a, ex in zip(answers, examples)) / max(len(examples), 1)
 
