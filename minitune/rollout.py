@@ -113,36 +113,52 @@ def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: S
                    time.perf_counter() - t0, stopped)
 
 
+def _replace_rows(ro: Rollout, rows: dict[int, tuple[list[int], bool, bool, str]], pad_id: int) -> Rollout:
+    """`ro` with rows b replaced by (response tokens, ended, stopped, text); the response tensors
+    widen when a new row is longer than every old one; new rows' sampling log-probs are 0."""
+    if not rows:
+        return ro
+    g = ro.gen
+    B, N = g.tokens.shape
+    P = g.sequences.shape[1] - N
+    pad = max(N, *(len(t) for t, *_ in rows.values())) - N
+
+    def widen(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, pad), value=value) if pad else t.clone()
+
+    tokens, logprobs, mask, seq = widen(g.tokens, pad_id), widen(g.logprobs, 0.0), widen(g.mask, 0), \
+        widen(g.sequences, pad_id)
+    lengths, ended, stopped, responses = g.lengths.clone(), g.ended.clone(), ro.stopped.clone(), list(ro.responses)
+    for b, (t, end, stop, text) in rows.items():
+        n = len(t)
+        row = torch.tensor(t, dtype=tokens.dtype, device=tokens.device)
+        tokens[b], logprobs[b], mask[b] = pad_id, 0.0, 0
+        tokens[b, :n], mask[b, :n] = row, 1
+        seq[b, P:] = pad_id
+        seq[b, P: P + n] = row
+        lengths[b], ended[b], stopped[b], responses[b] = n, end, stop, text
+    return ro._replace(gen=GenerationOutput(seq, tokens, logprobs, mask, lengths, ended), responses=responses,
+                       stopped=stopped)
+
+
 def with_answers(ro: Rollout, answers: dict[int, str], tok: Tokenizer) -> Rollout:
     """`ro` with the answers of some rows replaced by given text (its tokens and an EOS, as the policy
     would end it), e.g. a reference answer put into a group that sampled no right one (GRPO's
     `guide`). Widens the response tensors when a given answer is longer than every sampled one;
     the new rows' sampling log-probs are 0 (they were not sampled: recompute them, as GRPO does)."""
-    if not answers:
-        return ro
-    ids = {b: tok.encode(text, add_special_tokens=False) + [tok.eos_id] for b, text in answers.items()}
-    g = ro.gen
-    B, N = g.tokens.shape
-    P = g.sequences.shape[1] - N
-    width = max(N, *(len(t) for t in ids.values()))
-    pad = width - N
+    return _replace_rows(ro, {b: (tok.encode(text, add_special_tokens=False) + [tok.eos_id], True, False, text)
+                              for b, text in answers.items()}, tok.pad_id)
 
-    def widen(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, pad), value=value) if pad else t.clone()
 
-    tokens, logprobs, mask, seq = widen(g.tokens, tok.pad_id), widen(g.logprobs, 0.0), widen(g.mask, 0), \
-        widen(g.sequences, tok.pad_id)
-    lengths, ended, stopped, responses = g.lengths.clone(), g.ended.clone(), ro.stopped.clone(), list(ro.responses)
-    for b, t in ids.items():
-        n = len(t)
-        row = torch.tensor(t, dtype=tokens.dtype, device=tokens.device)
-        tokens[b], logprobs[b], mask[b] = tok.pad_id, 0.0, 0
-        tokens[b, :n], mask[b, :n] = row, 1
-        seq[b, P:] = tok.pad_id
-        seq[b, P: P + n] = row
-        lengths[b], ended[b], stopped[b], responses[b] = n, True, False, answers[b]
-    return ro._replace(gen=GenerationOutput(seq, tokens, logprobs, mask, lengths, ended), responses=responses,
-                       stopped=stopped)
+def with_rows_from(ro: Rollout, other: Rollout, rows: dict[int, int], pad_id: int) -> Rollout:
+    """`ro` with row b replaced by row j of `other` (an answer to the same prompt, e.g. the greedy
+    one: GRPO's `greedy_member`), for each b: j of `rows`; tokens, ended/stopped flags and text are
+    copied, sampling log-probs set to 0."""
+    for b, j in rows.items():
+        if ro.prompts[b] != other.prompts[j]:
+            raise ValueError(f"row {b} answers another prompt than row {j} of the other rollout")
+    return _replace_rows(ro, {b: (other.gen.tokens[j, : int(other.gen.lengths[j])].tolist(), bool(other.gen.ended[j]),
+                                  bool(other.stopped[j]), other.responses[j]) for b, j in rows.items()}, pad_id)
 
 
 def stop_cut(tok: Tokenizer, tokens: list[int], stops: Sequence[str]) -> int | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -28,7 +28,8 @@ from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
 from minitune.ppo import policy_forward
 from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
-                              sample_rollout, score_rollout, score_with_function, with_answers)
+                              sample_rollout, score_rollout, score_with_function, with_answers,
+                              with_rows_from)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection, RewardSource,
@@ -57,6 +58,10 @@ class GRPOSection:
     # its worst answer (off-policy guidance, LUFFY): prompts the policy never samples right still teach it.
     # Needs reference answers (the synthetic task, or a `reference` column) and a reward function
     guide: bool = False
+    # each group's first answer is the greedy one (temperature 0), the answer a greedy evaluation scores: trained
+    # on directly, pushed down where it is wrong and a sample is right (self-critical training's greedy answer,
+    # here a member of the group rather than only its baseline)
+    greedy_member: bool = False
 
     def __post_init__(self):
         require(self.group_size >= 2, "group_size", self.group_size, "must be >= 2: GRPO compares a prompt's answers")
@@ -239,6 +244,12 @@ def train(cfg: GRPOConfig) -> dict:
             cursor += len(picked)
             ro = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen, k=G,
                                 rng=rng, chat=chat, system=system, device=device)
+            if cfg.grpo.greedy_member:  # drawn after the samples, which stay as without the option
+                greedy = replace(cfg.gen, temperature=0.0, min_new_tokens=cfg.gen.max_new_tokens)
+                gr = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=greedy,
+                                    k=1, rng=rng, chat=chat, system=system, device=device)
+                ro = with_rows_from(ro, gr, {i * G: i for i in range(len(picked))}, tok.pad_id)
+                ro = ro._replace(seconds=ro.seconds + gr.seconds)
             t1 = time.perf_counter()
             raw = score_rollout(ro, policy, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                                 device=device)

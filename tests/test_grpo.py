@@ -268,6 +268,37 @@ def test_guided_answers_are_the_reference_tokens_and_score_like_teacher_forcing(
         torch.testing.assert_close(logp[b, :n], want, atol=1e-5, rtol=1e-5)
 
 
+def test_greedy_member_puts_the_greedy_answer_first_in_every_group(toy_folder, tmp_path, monkeypatch):
+    """grpo.greedy_member: each group's first answer is what greedy decoding gives (the fresh policy
+    adapter starts as the base), the other answers are the samples the run draws without the option."""
+    import random
+
+    from minitune import load_model
+    from minitune.rollout import sample_rollout, with_rows_from
+    from minitune.tokenizer import load_tokenizer
+    from minitune.train.sections import GenSection
+
+    seen = []
+    real = grpo_recipe.update
+    monkeypatch.setattr(grpo_recipe, "update", lambda model, ro, *a, **k: seen.append(ro) or real(model, ro, *a, **k))
+    extra = {"run.max_steps": 1, "reward.function": "helpers:share_of_letter_a"}
+    run(toy_args(toy_folder, tmp_path / "g", **extra, **{"grpo.greedy_member": "true"}))
+    run(toy_args(toy_folder, tmp_path / "s", **extra))
+    with_greedy, plain = seen
+    G = 4
+    folder, _ = toy_folder
+    model, tok = load_model(folder).eval(), load_tokenizer(folder)
+    firsts = with_greedy.prompts[::G]
+    greedy = sample_rollout(model, tok, firsts, [None] * len(firsts), gen=GenSection(min_new_tokens=8, max_new_tokens=8,
+                            temperature=0.0), k=1, rng=random.Random(0), chat=False, system=None, device=None)
+    assert [with_greedy.responses[i * G] for i in range(len(firsts))] == greedy.responses
+    others = [b for b in range(len(plain.responses)) if b % G]
+    assert [with_greedy.responses[b] for b in others] == [plain.responses[b] for b in others]
+    b = next(b for b, p in enumerate(plain.prompts) if p != greedy.prompts[0])
+    with pytest.raises(ValueError, match=f"row {b} answers another prompt than row 0"):
+        with_rows_from(plain, greedy, {b: 0}, tok.pad_id)
+
+
 def test_guidance_teaches_a_reference_the_policy_never_samples(toy_folder, tmp_path):
     """Every toy answer is wrong against the reference "cat" (exact match): plain GRPO sees groups of
     equal scores and never updates; with grpo.guide the reference goes into every group and the policy
