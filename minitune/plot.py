@@ -74,8 +74,14 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def panels_for(runs: list[tuple[str, dict]]) -> list[tuple[str, list[str]]]:
+def panels_for(runs: list[tuple[str, dict]], metrics: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """[(panel title, metric names)] for the metrics the runs logged (only `metrics` when given)."""
     keys = sorted({k for _, s in runs for k in s})
+    if metrics:
+        missing = [m for m in metrics if m not in keys]
+        if missing:
+            raise MinituneError(f"--metrics {','.join(missing)}: not logged by these runs; they log {', '.join(keys)}")
+        keys = [k for k in keys if k in metrics]
     out = []
     for title, match in PANELS:
         ks = [k for k in keys if match(k)]
@@ -84,8 +90,8 @@ def panels_for(runs: list[tuple[str, dict]]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def plot(paths: list[str | Path], out: str | Path | None = None) -> Path:
-    """Writes the PNG and returns its path."""
+def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[str] | None = None) -> Path:
+    """Writes the PNG (only the named `metrics` when given) and returns its path."""
     try:
         import matplotlib
 
@@ -94,7 +100,7 @@ def plot(paths: list[str | Path], out: str | Path | None = None) -> Path:
     except ImportError:
         raise MinituneError("plotting needs matplotlib: pip install 'minitune[plot]'") from None
     runs = [read_metrics(p) for p in paths]
-    panels = panels_for(runs)
+    panels = panels_for(runs, metrics)
     if not panels:
         raise MinituneError(f"nothing to plot in {', '.join(map(str, paths))}: no loss, eval, reward or KL metric")
     cols = min(3, len(panels))
@@ -133,9 +139,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minitune.plot", description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", help="run output folders or metrics.jsonl files")
     ap.add_argument("--out", default=None, help="PNG path (default: curves.png in the first run's folder)")
+    ap.add_argument("--metrics", default="", help="comma-separated metric names to draw, e.g. eval_exact_match,kl "
+                    "(default: every metric with a panel)")
     a = ap.parse_args(argv)
     try:
-        path = plot(a.runs, a.out)
+        path = plot(a.runs, a.out, [m for m in a.metrics.split(",") if m] or None)
     except MinituneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -57,3 +57,14 @@ def test_bad_input_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     assert main([str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl:1 is not a JSON line" in capsys.readouterr().err
+
+
+def test_metrics_option_draws_only_the_named_metrics(tmp_path, capsys):
+    runs = [read_metrics(rl_run(tmp_path / "ppo"))]
+    assert panels_for(runs, ["eval_exact_match", "kl"]) == [("accuracy / exact match", ["eval_exact_match"]),
+                                                             ("KL to the reference (nats)", ["kl"])]
+    out = tmp_path / "only.png"
+    assert main([str(tmp_path / "ppo"), "--metrics", "eval_exact_match", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path / "ppo"), "--metrics", "eval_exact_match,nope"]) == 2
+    assert "--metrics nope: not logged by these runs; they log" in capsys.readouterr().err
