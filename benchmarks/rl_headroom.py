@@ -22,7 +22,8 @@ from common import save  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--adapter", default="outputs/lora_sft/adapter", help="a PEFT adapter folder on the demo model")
+    ap.add_argument("--adapter", default="outputs/lora_sft/adapter",
+                    help="a PEFT adapter folder on the demo model ('': the bare model)")
     ap.add_argument("--prompts", type=int, default=200, help="held-out prompts (the RL recipes' held-out set)")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -40,12 +41,13 @@ def main(argv=None):
     from minitune.train.sections import GenSection, ModelSection
     from minitune.train.setup import build_base, model_path
 
-    if not (Path(a.adapter) / "adapter_config.json").exists():
+    if a.adapter and not (Path(a.adapter) / "adapter_config.json").exists():
         sys.exit(f"--adapter {a.adapter}: no adapter_config.json there; run python recipes/lora_sft.py first")
     torch.manual_seed(0)
     model = build_base(ModelSection(), torch.device("cpu"))
-    load_adapter(model, Path(a.adapter), "policy", trainable=False)
-    set_adapter(model, "policy")
+    if a.adapter:
+        load_adapter(model, Path(a.adapter), "policy", trainable=False)
+        set_adapter(model, "policy")
     tok = load_tokenizer(model_path("demo"))
     _, held_out = train_eval_split(2000, a.prompts)
     greedy_gen = GenSection(min_new_tokens=32, max_new_tokens=32, temperature=0.0, max_prompt_length=96)
@@ -65,7 +67,8 @@ def main(argv=None):
     cols = ["family", "prompts", "greedy", "pass_at_k", "sample_mean", "fixable", "stuck", "signal",
             "signal_partial"]
     cmd = "python benchmarks/rl_headroom.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    save("rl_headroom_synthetic_cpu", rows, cols, f"{cmd} (k = {a.samples}, T = {a.temperature}, {a.adapter})", a.out)
+    save("rl_headroom_synthetic_cpu", rows, cols,
+         f"{cmd} (k = {a.samples}, T = {a.temperature}, {a.adapter or 'the bare model'})", a.out)
     stuck = [(ex, g, ss) for ex, g, ss in zip(held_out, greedy, samples)
              if not any(is_correct(s, ex["answer"]) for s in ss + [g])]
     print(f"\n{len(stuck)} stuck prompts; a few:")

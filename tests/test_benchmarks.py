@@ -68,3 +68,18 @@ def test_reward_pairs_benchmark_writes_its_table(tmp_path):
         ("minitune", "shared prompt, packed"), ("minitune", "padded rows"), ("transformers+peft", "padded rows")]
     assert all(r["pairs/s"] > 0 and r["peak RSS GiB"] > 0 for r in rows)
     assert "pairs/s" in (tmp_path / "reward_pairs_hh_64_cpu.md").read_text()
+
+
+def test_rl_headroom_benchmark_writes_its_table(tmp_path, demo_dir, capsys):
+    import rl_headroom
+
+    rows = rl_headroom.main(["--adapter", "", "--prompts", "8", "--samples", "2", "--batch", "8", "--out", str(tmp_path)])
+    assert rows[-1]["family"] == "all" and rows[-1]["prompts"] == 8
+    assert {r["family"] for r in rows[:-1]} <= {"add", "convert", "reverse", "sort"}
+    for r in rows:  # every greedy-wrong prompt is either fixable or stuck
+        assert r["fixable"] + r["stuck"] == pytest.approx(1 - r["greedy"])
+    table = json.loads((tmp_path / "rl_headroom_synthetic_cpu.json").read_text())
+    assert table["rows"] == rows and "the bare model" in table["header"]
+    assert "stuck prompts" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no adapter_config.json there"):
+        rl_headroom.main(["--adapter", str(tmp_path / "none"), "--out", str(tmp_path)])
