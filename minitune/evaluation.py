@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from minitune.data.synthetic import is_correct
+from minitune.data.synthetic import correctness_reward, is_correct
 from minitune.generate import generate, left_pad
 
 
@@ -65,7 +65,7 @@ def headroom_report(examples: list[dict], greedy: list[str], samples: list[list[
                    the groups GRPO updates on."""
     if not (len(examples) == len(greedy) == len(samples)):
         raise ValueError(f"{len(examples)} examples, {len(greedy)} greedy answers, {len(samples)} sample lists")
-    reward = reward or (lambda rs, refs: [float(is_correct(r, ref)) for r, ref in zip(rs, refs)])
+    reward = reward or correctness_reward
     rows: dict[str, list[dict[str, float]]] = {}
     for ex, g, ss in zip(examples, greedy, samples):
         right = [is_correct(s, ex["answer"]) for s in ss]

@@ -29,7 +29,7 @@ def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: G
     string ended it). no_eos_share counts answers the length budget cut off. The answers are greedy,
     `gen.max_new_tokens` long at most; the score is the reward adapter's (or function's) on the
     whole sequence."""
-    greedy = replace(gen, temperature=0.0, min_new_tokens=gen.max_new_tokens)
+    greedy = gen.greedy()
     rng = random.Random(0)  # unused by greedy decoding, but sample_rollout draws from it
     rows: list[dict] = []
     for i in range(0, len(prompts), batch_size):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -245,8 +245,7 @@ def train(cfg: GRPOConfig) -> dict:
             ro = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen, k=G,
                                 rng=rng, chat=chat, system=system, device=device)
             if cfg.grpo.greedy_member:  # drawn after the samples, which stay as without the option
-                greedy = replace(cfg.gen, temperature=0.0, min_new_tokens=cfg.gen.max_new_tokens)
-                gr = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=greedy,
+                gr = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen.greedy(),
                                     k=1, rng=rng, chat=chat, system=system, device=device)
                 ro = with_rows_from(ro, gr, {i * G: i for i in range(len(picked))}, tok.pad_id)
                 ro = ro._replace(seconds=ro.seconds + gr.seconds)

@@ -203,6 +203,10 @@ class GenSection:
         require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
         require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be a list of non-empty strings")
 
+    def greedy(self) -> "GenSection":
+        """The same settings, decoded greedily to the full budget (held-out checks, GRPO's greedy member)."""
+        return dataclasses.replace(self, temperature=0.0, min_new_tokens=self.max_new_tokens)
+
 
 @dataclass
 class RewardSource:
