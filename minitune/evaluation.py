@@ -10,10 +10,9 @@ from minitune.generate import generate, left_pad
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tok, examples: list[dict], *, max_new_tokens: int = 32, batch_size: int = 50,
-                    device=None) -> tuple[float, list[tuple[str, str, str]]]:
-    """(share of exactly correct greedy answers, [(prompt, answer, reference)]) for examples with
-    `messages` (system + user first) and `answer`."""
+def greedy_answers(model, tok, examples: list[dict], *, max_new_tokens: int = 32, batch_size: int = 50,
+                   device=None) -> list[str]:
+    """The greedy answer to each example with `messages` (system + user first), in eval mode."""
     was_training = model.training
     model.eval()
     prompts = [tok.encode(tok.apply_chat_template(ex["messages"][:2], add_generation_prompt=True)) for ex in examples]
@@ -23,27 +22,32 @@ def greedy_accuracy(model, tok, examples: list[dict], *, max_new_tokens: int = 3
         out = generate(model, ids, mask, max_new_tokens=max_new_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id)
         answers += [tok.decode(t[: int(n)]) for t, n in zip(out.tokens, out.lengths)]
     model.train(was_training)
+    return answers
+
+
+def greedy_accuracy(model, tok, examples: list[dict], *, max_new_tokens: int = 32, batch_size: int = 50,
+                    device=None) -> tuple[float, list[tuple[str, str, str]]]:
+    """(share of exactly correct greedy answers, [(prompt, answer, reference)]) for examples with
+    `messages` (system + user first) and `answer`."""
+    answers = greedy_answers(model, tok, examples, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device)
     correct = [is_correct(a, ex["answer"]) for a, ex in zip(answers, examples)]
     return sum(correct) / max(len(correct), 1), [(ex["prompt"], a, ex["answer"]) for ex, a in zip(examples, answers)]
 
 
-def accuracy_by_family(examples: list[dict], rows: list[tuple[str, str, str]]) -> dict[str, float]:
-    """Exact-match share per task family ("add", "sort", ...) of greedy_accuracy's rows."""
-    hits: dict[str, list[bool]] = {}
-    for ex, (_, answer, reference) in zip(examples, rows):
-        hits.setdefault(ex.get("family", "all"), []).append(is_correct(answer, reference))
-    return {f: sum(h) / len(h) for f, h in sorted(hits.items())}
-
-
 def exact_match_report(model, tok, examples: list[dict], *, max_new_tokens: int = 32,
                        device=None) -> tuple[dict[str, float], list[dict]]:
-    """({"exact_match": share, "exact_match_<family>": share per family}, one row per example with
-    prompt, answer, reference, family and correct) of greedy answers: the held-out check the RL
-    recipes run at the start, every run.eval_every steps and at the end."""
-    acc, rows = greedy_accuracy(model, tok, examples, max_new_tokens=max_new_tokens, device=device)
-    report = {"exact_match": acc, **{f"exact_match_{k}": v for k, v in accuracy_by_family(examples, rows).items()}}
-    return report, [{"prompt": p, "answer": a, "reference": r, "family": ex.get("family", "all"),
-                     "correct": is_correct(a, r)} for ex, (p, a, r) in zip(examples, rows)]
+    """({"exact_match": share, "exact_match_<family>": share per family ("add", "sort", ...)}, one row
+    per example with prompt, answer, reference, family and correct) of greedy answers: the held-out
+    check the RL recipes run at the start, every run.eval_every steps and at the end."""
+    answers = greedy_answers(model, tok, examples, max_new_tokens=max_new_tokens, device=device)
+    rows = [{"prompt": ex["prompt"], "answer": a, "reference": ex["answer"], "family": ex.get("family", "all"),
+             "correct": is_correct(a, ex["answer"])} for ex, a in zip(examples, answers)]
+    by_family: dict[str, list[bool]] = {}
+    for r in rows:
+        by_family.setdefault(r["family"], []).append(r["correct"])
+    report = {"exact_match": sum(r["correct"] for r in rows) / max(len(rows), 1),
+              **{f"exact_match_{f}": sum(h) / len(h) for f, h in sorted(by_family.items())}}
+    return report, rows
 
 
 def format_report(report: dict[str, float]) -> str:
