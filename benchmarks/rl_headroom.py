@@ -50,7 +50,7 @@ def main(argv=None):
         set_adapter(model, "policy")
     tok = load_tokenizer(model_path("demo"))
     _, held_out = train_eval_split(2000, a.prompts)
-    sample_gen = GenSection(min_new_tokens=32, max_new_tokens=32, temperature=a.temperature, max_prompt_length=96)
+    sample_gen = GenSection.synthetic(a.temperature)
     greedy_gen = sample_gen.greedy()
     rng, greedy, samples = random.Random(0), [], []
     for s in range(0, len(held_out), a.batch):

@@ -24,7 +24,7 @@ from minitune.train.sections import GenSection
 def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: GenSection, chat: bool,
                     system: str | None, reward_head=None, reward_fn: Callable | None = None, name: str = "",
                     device=None, batch_size: int = 25) -> tuple[dict[str, float], list[dict]]:
-    """({"score_mean", "score_std", "no_eos_share", "stop_share", "response_length"}, one row per prompt
+    """({"score_mean", "score_std", "no_eos_share", "stop_share", "empty_share", "response_length"}, one row per prompt
     with its greedy response, score, whether it ended (EOS or a `gen.stop` string) and whether a stop
     string ended it). no_eos_share counts answers the length budget cut off. The answers are greedy,
     `gen.max_new_tokens` long at most; the score is the reward adapter's (or function's) on the
@@ -43,6 +43,7 @@ def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: G
     report = {"score_mean": s.mean().item(), "score_std": s.std().item() if len(rows) > 1 else 0.0,
               "no_eos_share": sum(not r["ended"] for r in rows) / len(rows),
               "stop_share": sum(r["stopped"] for r in rows) / len(rows),
+              "empty_share": sum(not r["response"].strip() for r in rows) / len(rows),
               "response_length": sum(r["tokens"] for r in rows) / len(rows)}
     return report, rows
 
@@ -83,6 +84,7 @@ class HeldOutEval:
             report, rows = held_out_scores(self.policy, self.tok, self.prompts, self.refs, **self.kw)
             line = (f"greedy answers' score {report['score_mean']:.3f} (std {report['score_std']:.3f}), "
                     f"cut by the budget {report['no_eos_share']:.0%}, by a stop string {report['stop_share']:.0%}, "
+                    f"empty {report['empty_share']:.0%}, "
                     f"{report['response_length']:.1f} tokens")
         self.reports[step] = report
         if self.is_main:

@@ -94,7 +94,8 @@ class Rollout(NamedTuple):
 def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: Sequence, *, gen: GenSection, k: int,
                    rng: random.Random, chat: bool, system: str | None, device) -> Rollout:
     """k sampled answers to each prompt (the policy in eval mode, KV cache, one prefill per prompt);
-    the response length budget is drawn from [gen.min_new_tokens, gen.max_new_tokens] with `rng`."""
+    the response length budget is drawn from [gen.min_new_tokens, gen.max_new_tokens] with `rng`.
+    With `gen.greedy_member` (and k > 1) each prompt's first answer is the greedy one."""
     t0 = time.perf_counter()
     ids, truncated = encode_prompts(list(prompts), tok, max_length=gen.max_prompt_length, chat=chat, system=system)
     q, qmask = left_pad(ids, tok.pad_id, device)
@@ -108,9 +109,15 @@ def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: S
     policy.train(was_training)
     out, stopped = cut_at_stop_strings(out, tok, gen.stop, q.shape[1], tok.pad_id)
     responses = [tok.decode(t[: int(n)]) for t, n in zip(out.tokens, out.lengths)]
-    return Rollout([p for p in prompts for _ in range(k)], [r for r in references for _ in range(k)],
-                   q.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0), out, responses, truncated,
-                   time.perf_counter() - t0, stopped)
+    ro = Rollout([p for p in prompts for _ in range(k)], [r for r in references for _ in range(k)],
+                 q.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0), out, responses, truncated,
+                 time.perf_counter() - t0, stopped)
+    if gen.greedy_member and k > 1:  # decoded after the samples, which stay as without the option
+        greedy = sample_rollout(policy, tok, prompts, references, gen=gen.greedy(), k=1, rng=rng, chat=chat,
+                                system=system, device=device)
+        ro = with_rows_from(ro, greedy, {i * k: i for i in range(len(prompts))}, tok.pad_id)
+        ro = ro._replace(seconds=time.perf_counter() - t0)
+    return ro
 
 
 def _replace_rows(ro: Rollout, rows: dict[int, tuple[list[int], bool, bool, str]], pad_id: int) -> Rollout:
@@ -141,6 +148,11 @@ def _replace_rows(ro: Rollout, rows: dict[int, tuple[list[int], bool, bool, str]
                        stopped=stopped)
 
 
+def empty_answers(responses: Sequence[str]) -> torch.Tensor:
+    """[B] bool: True where an answer is empty or only whitespace (e.g. an immediate EOS)."""
+    return torch.tensor([not r.strip() for r in responses], dtype=torch.bool)
+
+
 def with_answers(ro: Rollout, answers: dict[int, str], tok: Tokenizer) -> Rollout:
     """`ro` with the answers of some rows replaced by given text (its tokens and an EOS, as the policy
     would end it), e.g. a reference answer put into a group that sampled no right one (GRPO's
@@ -152,7 +164,7 @@ def with_answers(ro: Rollout, answers: dict[int, str], tok: Tokenizer) -> Rollou
 
 def with_rows_from(ro: Rollout, other: Rollout, rows: dict[int, int], pad_id: int) -> Rollout:
     """`ro` with row b replaced by row j of `other` (an answer to the same prompt, e.g. the greedy
-    one: GRPO's `greedy_member`), for each b: j of `rows`; tokens, ended/stopped flags and text are
+    one: `gen.greedy_member`), for each b: j of `rows`; tokens, ended/stopped flags and text are
     copied, sampling log-probs set to 0."""
     for b, j in rows.items():
         if ro.prompts[b] != other.prompts[j]:

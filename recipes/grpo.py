@@ -28,8 +28,7 @@ from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
 from minitune.ppo import policy_forward
 from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
-                              sample_rollout, score_rollout, score_with_function, with_answers,
-                              with_rows_from)
+                              sample_rollout, score_rollout, score_with_function, with_answers)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection, RewardSource,
@@ -58,10 +57,6 @@ class GRPOSection:
     # its worst answer (off-policy guidance, LUFFY): prompts the policy never samples right still teach it.
     # Needs reference answers (the synthetic task, or a `reference` column) and a reward function
     guide: bool = False
-    # each group's first answer is the greedy one (temperature 0), the answer a greedy evaluation scores: trained
-    # on directly, pushed down where it is wrong and a sample is right (self-critical training's greedy answer,
-    # here a member of the group rather than only its baseline)
-    greedy_member: bool = False
 
     def __post_init__(self):
         require(self.group_size >= 2, "group_size", self.group_size, "must be >= 2: GRPO compares a prompt's answers")
@@ -99,8 +94,7 @@ class GRPOConfig:
     # prompt the greedy answer gets right then mostly gives a group of equal scores (skipped, free),
     # and the groups that carry signal are those near the greedy answer; at 1.0 held-out exact-match
     # fell (0.630 -> 0.590 in 20 steps at lr 5e-5), at 0.7 it rose (-> 0.645).
-    gen: GenSection = field(default_factory=lambda: GenSection(min_new_tokens=32, max_new_tokens=32, temperature=0.7,
-                                                               max_prompt_length=96))
+    gen: GenSection = field(default_factory=lambda: GenSection.synthetic(temperature=0.7))
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # adapter to start from (and reference); "auto": the SFT default's if present; "": none
     # held-out prompts answered greedily at the start, every run.eval_every steps and at the end (0: none):
@@ -244,11 +238,6 @@ def train(cfg: GRPOConfig) -> dict:
             cursor += len(picked)
             ro = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen, k=G,
                                 rng=rng, chat=chat, system=system, device=device)
-            if cfg.grpo.greedy_member:  # drawn after the samples, which stay as without the option
-                gr = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen.greedy(),
-                                    k=1, rng=rng, chat=chat, system=system, device=device)
-                ro = with_rows_from(ro, gr, {i * G: i for i in range(len(picked))}, tok.pad_id)
-                ro = ro._replace(seconds=ro.seconds + gr.seconds)
             t1 = time.perf_counter()
             raw = score_rollout(ro, policy, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                                 device=device)

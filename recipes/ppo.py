@@ -27,8 +27,8 @@ from minitune.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, 
                           trajectory)
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
-from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
-                              sample_rollout, score_rollout)
+from minitune.rollout import (Rollout, check_reward_adapter, empty_answers, load_prompts, prompts_use_chat,
+                              resolve_reward_fn, sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection,
@@ -57,7 +57,7 @@ class PPOConfig:
         adaptive_kl=False, init_kl_coef=0.05))
     # Every synthetic answer fits in 32 tokens with its EOS (sort/reverse need up to 23): a shorter draw
     # would cut correct answers off and score them wrong, teaching the policy away from them.
-    gen: GenSection = field(default_factory=lambda: GenSection(min_new_tokens=32, max_new_tokens=32, max_prompt_length=96))
+    gen: GenSection = field(default_factory=lambda: GenSection.synthetic())
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # SFT adapter to start from; "auto": the SFT default's (f"{SFT_OUTPUT_DIR}/adapter") if present; "": none
     sample_every: int = 4
@@ -85,6 +85,8 @@ def scores_for(cfg, ro: Rollout, model, reward_head, reward_fn, moments: Running
         s = s.clamp(-cfg.ppo.score_clip, cfg.ppo.score_clip)
     if cfg.ppo.missing_eos_penalty:
         s = s - cfg.ppo.missing_eos_penalty * (~ro.gen.ended).float()
+    if cfg.ppo.empty_penalty:
+        s = s - cfg.ppo.empty_penalty * empty_answers(ro.responses).to(s.device)
     return s, raw
 
 
@@ -115,6 +117,7 @@ def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory, raw, non_score, mb
         "response_length": ro.gen.lengths.float().mean().item(), "diversity": response_diversity(ro.responses),
         "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),  # cut off by the length budget
         "stop_share": ro.stopped.float().mean().item(),  # ended by a gen.stop string
+        "empty_share": empty_answers(ro.responses).float().mean().item(),  # nothing but whitespace
         # where the step's time goes: rollout generation, scoring (reward, policy/reference
         # log-probs, values, advantages), PPO update
         "gen_s": t_gen, "score_s": t_score, "update_s": t_train,
@@ -136,6 +139,9 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.ppo.mini_batch < 1 or cfg.ppo.mini_batch % k:
         raise MinituneError(f"ppo.mini_batch ({cfg.ppo.mini_batch}) must be a positive multiple of "
                             f"ppo.samples_per_prompt ({k}): a minibatch holds whole prompts with all their responses")
+    if cfg.gen.greedy_member and k < 2:
+        raise MinituneError("gen.greedy_member makes the first of each prompt's answers the greedy one: set "
+                            "ppo.samples_per_prompt to 2 or more, or gen.greedy_member=false")
     if cfg.ppo.group_baseline and k < 2:
         raise MinituneError("ppo.group_baseline compares a prompt's responses with each other: set "
                             "ppo.samples_per_prompt to 2 or more, or group_baseline=false")

@@ -269,7 +269,7 @@ def test_guided_answers_are_the_reference_tokens_and_score_like_teacher_forcing(
 
 
 def test_greedy_member_puts_the_greedy_answer_first_in_every_group(toy_folder, tmp_path, monkeypatch):
-    """grpo.greedy_member: each group's first answer is what greedy decoding gives (the fresh policy
+    """gen.greedy_member: each group's first answer is what greedy decoding gives (the fresh policy
     adapter starts as the base), the other answers are the samples the run draws without the option."""
     import random
 
@@ -282,7 +282,7 @@ def test_greedy_member_puts_the_greedy_answer_first_in_every_group(toy_folder, t
     real = grpo_recipe.update
     monkeypatch.setattr(grpo_recipe, "update", lambda model, ro, *a, **k: seen.append(ro) or real(model, ro, *a, **k))
     extra = {"run.max_steps": 1, "reward.function": "helpers:share_of_letter_a"}
-    run(toy_args(toy_folder, tmp_path / "g", **extra, **{"grpo.greedy_member": "true"}))
+    run(toy_args(toy_folder, tmp_path / "g", **extra, **{"gen.greedy_member": "true"}))
     run(toy_args(toy_folder, tmp_path / "s", **extra))
     with_greedy, plain = seen
     G = 4

@@ -231,7 +231,8 @@ def test_group_settings_are_checked_before_loading(tmp_path):
     ppo = load_recipe("ppo")
     bad = [(["ppo.rollout_batch=10", "ppo.samples_per_prompt=4"], "multiple of ppo.samples_per_prompt"),
            (["ppo.samples_per_prompt=1", "ppo.group_baseline=true"], "samples_per_prompt to 2 or more"),
-           (["ppo.rollout_batch=16", "ppo.samples_per_prompt=4", "ppo.mini_batch=6"], "mini_batch .6. must be a positive multiple")]
+           (["ppo.rollout_batch=16", "ppo.samples_per_prompt=4", "ppo.mini_batch=6"], "mini_batch .6. must be a positive multiple"),
+           (["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "gen.greedy_member=true"], "gen.greedy_member makes")]
     for args, msg in bad:
         with pytest.raises(MinituneError, match=msg):  # model.path does not exist: the check comes first
             ppo.train(parse_cli(ppo.PPOConfig, args + [f"model.path={tmp_path / 'none'}",
@@ -251,3 +252,64 @@ def test_default_rollout_budget_fits_every_synthetic_answer(demo_tok):
     yaml_file = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_synthetic.yaml"
     yaml_cfg = parse_cli(load_recipe("ppo").PPOConfig, ["--config", str(yaml_file)])
     assert yaml_cfg.gen.min_new_tokens >= longest
+
+
+def test_greedy_member_gives_ppo_the_greedy_answer_first(toy_folder, tmp_path, monkeypatch):
+    """gen.greedy_member in PPO: each prompt's first answer is the greedy decode of the starting policy
+    (a fresh adapter = the base), the others the samples drawn without the option, and the step trains on
+    them (its trajectory's sequences hold the greedy answer)."""
+    import random
+
+    from minitune import load_model
+    from minitune.rollout import sample_rollout
+    from minitune.tokenizer import load_tokenizer
+    from minitune.train.sections import GenSection
+
+    folder, prompts = toy_folder
+    ppo = load_recipe("ppo")
+    seen = []
+    real = ppo.make_trajectory
+    monkeypatch.setattr(ppo, "make_trajectory", lambda cfg, ro, *a: seen.append(ro) or real(cfg, ro, *a))
+    args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+            "run.max_steps=1", "ppo.rollout_batch=8", "ppo.mini_batch=8", "ppo.samples_per_prompt=4",
+            "ppo.group_baseline=true", "ppo.use_value=false", "gen.min_new_tokens=6", "gen.max_new_tokens=6",
+            "init_adapter=", "eval_prompts=0", "reward.function=helpers:share_of_letter_a"]
+    ppo.train(parse_cli(ppo.PPOConfig, args + ["gen.greedy_member=true", f"run.output_dir={tmp_path / 'g'}"]))
+    ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 's'}"]))
+    with_greedy, plain = seen
+    k = 4
+    model, tok = load_model(folder).eval(), load_tokenizer(folder)
+    firsts = with_greedy.prompts[::k]
+    greedy = sample_rollout(model, tok, firsts, [None] * len(firsts), gen=GenSection(min_new_tokens=6, max_new_tokens=6,
+                            temperature=0.0), k=1, rng=random.Random(0), chat=False, system=None, device=None)
+    assert with_greedy.responses[::k] == greedy.responses
+    assert with_greedy.prompts == plain.prompts
+    others = [b for b in range(len(plain.responses)) if b % k]
+    assert [with_greedy.responses[b] for b in others] == [plain.responses[b] for b in others]
+    assert plain.responses[::k] != greedy.responses  # without the option the first answers are samples
+
+
+def test_missing_eos_and_empty_answer_penalties():
+    """ppo.missing_eos_penalty hits answers the budget cut off; ppo.empty_penalty answers with nothing
+    but whitespace (a reward model can rate silence highly); both after the group baseline."""
+    from minitune.generate import GenerationOutput
+    from minitune.ppo import RunningMoments
+    from minitune.rollout import Rollout, empty_answers
+    from helpers import share_of_letter_a
+
+    ppo = load_recipe("ppo")
+    responses = ["a a", "", "  \n", "bab"]  # helpers.share_of_letter_a scores the share of 'a'
+    ended = torch.tensor([True, True, True, False])
+    z = torch.zeros(4, 3)
+    ro = Rollout(["p"] * 4, [None] * 4, z.long(), z.long(), GenerationOutput(z.long(), z.long(), z, z.long(),
+                 torch.tensor([3, 1, 1, 3]), ended), responses, 0, 0.0, torch.zeros(4, dtype=torch.bool))
+    assert empty_answers(responses).tolist() == [False, True, True, False]
+
+    def scores(**kw):
+        args = ["ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.mini_batch=4"]
+        cfg = parse_cli(ppo.PPOConfig, args + [f"ppo.{k}={v}" for k, v in kw.items()])
+        return ppo.scores_for(cfg, ro, None, None, share_of_letter_a, RunningMoments(), None)[0]
+
+    plain = scores()
+    assert torch.allclose(scores(missing_eos_penalty=0.5) - plain, torch.tensor([0.0, 0.0, 0.0, -0.5]))
+    assert torch.allclose(scores(empty_penalty=2.0) - plain, torch.tensor([0.0, -2.0, -2.0, 0.0]))

@@ -113,6 +113,7 @@ def test_held_out_reward_evaluation_scores_greedy_answers(toy_folder, tmp_path, 
         assert report["score_mean"] == pytest.approx(scores.mean().item())
         assert report["score_std"] == pytest.approx(scores.std().item())
         assert report["no_eos_share"] == pytest.approx(sum(not r["ended"] for r in rows) / 5)
+        assert report["empty_share"] == pytest.approx(sum(not r["response"].strip() for r in rows) / 5)
         assert all(r["tokens"] <= 6 for r in rows)
     assert out["eval_before"] == out["eval"]["0"] and out["eval_after"] == out["eval"]["2"]
     if out["eval_before"]["score_std"] > 0:

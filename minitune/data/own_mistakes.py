@@ -37,7 +37,7 @@ def own_mistake_pairs(model, tok: Tokenizer, examples: list[dict], *, wanted: in
     with the start adapter active: the pairs must not depend on where training resumed."""
     if wanted < 1 or samples < 1:
         raise ValueError(f"wanted ({wanted}) and samples ({samples}) must be >= 1")
-    gen = GenSection(min_new_tokens=32, max_new_tokens=32, temperature=temperature, max_prompt_length=96)
+    gen = GenSection.synthetic(temperature)
     rng = random.Random(seed)
     pairs, stats = [], MistakeStats()
     for s in range(0, len(examples), prompts_per_call):

@@ -193,6 +193,11 @@ class GenSection:
     # strings that end an answer (it is cut before them), e.g. ["\n\n"] for raw "Human:/Assistant:" dialogues,
     # which a model otherwise continues with the next turn instead of an EOS
     stop: list[str] = field(default_factory=list)
+    # with several answers per prompt, the first is the greedy one (temperature 0, full budget), decoded after
+    # the samples, which stay as without it: the answer a greedy evaluation scores is itself trained on, pushed
+    # down where it is wrong and another answer is better (self-critical training's greedy answer, here a member
+    # of the group rather than only its baseline). Greedy loops that sampling rarely shows get penalised too
+    greedy_member: bool = False
 
     def __post_init__(self):
         require(1 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens", self.min_new_tokens,
@@ -203,9 +208,15 @@ class GenSection:
         require(self.max_prompt_length >= 1, "max_prompt_length", self.max_prompt_length, "must be >= 1")
         require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be a list of non-empty strings")
 
+    @classmethod
+    def synthetic(cls, temperature: float = 1.0) -> "GenSection":
+        """Sampling for the synthetic task: 32 new tokens (every answer fits with its EOS; sort and
+        reverse need up to 23, and a correct answer cut off would be scored wrong), prompts <= 96."""
+        return cls(min_new_tokens=32, max_new_tokens=32, temperature=temperature, max_prompt_length=96)
+
     def greedy(self) -> "GenSection":
-        """The same settings, decoded greedily to the full budget (held-out checks, GRPO's greedy member)."""
-        return dataclasses.replace(self, temperature=0.0, min_new_tokens=self.max_new_tokens)
+        """The same settings, decoded greedily to the full budget (held-out checks, the greedy member)."""
+        return dataclasses.replace(self, temperature=0.0, min_new_tokens=self.max_new_tokens, greedy_member=False)
 
 
 @dataclass
