@@ -16,7 +16,7 @@ import torch
 
 from minitune.data.synthetic import train_eval_split
 from minitune.evaluation import exact_match_report, format_report
-from minitune.rollout import PromptSplit, prompts_use_chat, sample_rollout, score_rollout
+from minitune.rollout import PromptSplit, empty_answers, prompts_use_chat, sample_rollout, score_rollout
 from minitune.train.sections import GenSection
 
 
@@ -24,8 +24,8 @@ from minitune.train.sections import GenSection
 def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: GenSection, chat: bool,
                     system: str | None, reward_head=None, reward_fn: Callable | None = None, name: str = "",
                     device=None, batch_size: int = 25) -> tuple[dict[str, float], list[dict]]:
-    """({"score_mean", "score_std", "no_eos_share", "stop_share", "empty_share", "response_length"}, one row per prompt
-    with its greedy response, score, whether it ended (EOS or a `gen.stop` string) and whether a stop
+    """({"score_mean", "score_std", "no_eos_share", "stop_share", "empty_share", "response_length"}, one
+    row per prompt with its greedy response, score, whether it ended (EOS or a `gen.stop` string) and whether a stop
     string ended it). no_eos_share counts answers the length budget cut off. The answers are greedy,
     `gen.max_new_tokens` long at most; the score is the reward adapter's (or function's) on the
     whole sequence."""
@@ -43,7 +43,7 @@ def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: G
     report = {"score_mean": s.mean().item(), "score_std": s.std().item() if len(rows) > 1 else 0.0,
               "no_eos_share": sum(not r["ended"] for r in rows) / len(rows),
               "stop_share": sum(r["stopped"] for r in rows) / len(rows),
-              "empty_share": sum(not r["response"].strip() for r in rows) / len(rows),
+              "empty_share": empty_answers([r["response"] for r in rows]).float().mean().item(),
               "response_length": sum(r["tokens"] for r in rows) / len(rows)}
     return report, rows
 

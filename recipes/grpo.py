@@ -90,7 +90,7 @@ class GRPOConfig:
     # without the KL term the gain faded by step 30 (0.665 -> 0.645); lr 2e-4 fell to 0.580 by step 6.
     grpo: GRPOSection = field(default_factory=lambda: GRPOSection(rollout_batch=256, scale_advantages=False, beta=0.04,
                                                                   micro_batch=64))
-    # every synthetic answer fits in 32 tokens with its EOS (see tests/test_ppo.py). Temperature 0.7: a
+    # GenSection.synthetic: 32 new tokens, every answer fits (tests/test_ppo.py). Temperature 0.7: a
     # prompt the greedy answer gets right then mostly gives a group of equal scores (skipped, free),
     # and the groups that carry signal are those near the greedy answer; at 1.0 held-out exact-match
     # fell (0.630 -> 0.590 in 20 steps at lr 5e-5), at 0.7 it rose (-> 0.645).

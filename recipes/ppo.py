@@ -55,9 +55,7 @@ class PPOConfig:
     ppo: PPOSettings = field(default_factory=lambda: PPOSettings(
         rollout_batch=32, samples_per_prompt=4, group_baseline=True, use_value=False, mini_batch=16, ppo_epochs=1,
         adaptive_kl=False, init_kl_coef=0.05))
-    # Every synthetic answer fits in 32 tokens with its EOS (sort/reverse need up to 23): a shorter draw
-    # would cut correct answers off and score them wrong, teaching the policy away from them.
-    gen: GenSection = field(default_factory=lambda: GenSection.synthetic())
+    gen: GenSection = field(default_factory=GenSection.synthetic)  # 32 new tokens: every answer fits
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # SFT adapter to start from; "auto": the SFT default's (f"{SFT_OUTPUT_DIR}/adapter") if present; "": none
     sample_every: int = 4
