@@ -71,7 +71,7 @@ def worker(a) -> dict:
         m.train(parse_cli(m.PPOConfig, model + [f"ppo.rollout_batch={a.batch}", f"ppo.mini_batch={a.batch}",
                                                 "ppo.samples_per_prompt=1", "ppo.group_baseline=false",
                                                 f"gen.min_new_tokens={a.new}", f"gen.max_new_tokens={a.new}",
-                                                "init_adapter=", "sample_every=0", "eval_prompts=0",
+                                                "init_adapter=", "sample_every=0", "held_out.prompts=0",
                                                 f"reward.adapter={a.reward_adapter}" if a.reward_adapter else
                                                 "reward.adapter="]))
     r = {"peak_rss": peak_rss_bytes()}

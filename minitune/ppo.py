@@ -89,6 +89,8 @@ class PPOSettings:
     init_kl_coef: float = 0.2
     kl_target: float = 6.0
     kl_horizon: float = 10000.0
+    kl_coef_min: float = 0.0  # the adaptive weight never drops below this: while KL sits under target the
+    # controller keeps lowering the weight, and by the time KL takes off there is nothing left to hold it
     whiten_advantages: bool = True
     score_scale: float = 1.0
     score_norm: bool = False  # divide scores by their running std
@@ -341,15 +343,16 @@ def ppo_update(model, traj: Trajectory, opt, c: PPOSettings, *, temperature: flo
 
 @dataclass
 class AdaptiveKLController:
-    """Ziegler et al.: kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+    """Ziegler et al.: kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon, kept >= minimum."""
 
     value: float = 0.2
     target: float = 6.0
     horizon: float = 10000.0
+    minimum: float = 0.0
 
     def update(self, current_kl: float, n_steps: int) -> None:
         error = max(-0.2, min(0.2, current_kl / self.target - 1))
-        self.value *= 1 + error * n_steps / self.horizon
+        self.value = max(self.minimum, self.value * (1 + error * n_steps / self.horizon))
 
     def state_dict(self) -> dict:
         return {"value": self.value}

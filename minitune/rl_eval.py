@@ -6,16 +6,17 @@ reader gets the score's mean, its spread and the no-EOS share. Either way the an
 to eval_samples/step_N.jsonl, so the prompts that changed between two steps can be read."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from minitune.data.synthetic import train_eval_split
+from minitune.data.synthetic import SYSTEM, train_eval_split
 from minitune.evaluation import exact_match_report, format_report
+from minitune.ppo import KLEstimator, kl_per_token, policy_forward
 from minitune.rollout import PromptSplit, empty_answers, prompts_use_chat, sample_rollout, score_rollout
 from minitune.train.sections import GenSection
 
@@ -48,27 +49,68 @@ def held_out_scores(policy, tok, prompts: list[str], references: list, *, gen: G
     return report, rows
 
 
+@torch.no_grad()
+def answer_kls(policy, reference, tok, prompts: list[str], *, gen: GenSection, chat: bool, system: str | None,
+               device=None, seed: int = 0, batch_size: int = 25) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([n] exact KL per answer, [n] sampled-token log-ratio per answer, [n] answer lengths), float64:
+    one answer per prompt sampled from the policy as rollouts are (`gen`: temperature, top-k/p, stop
+    strings, gen.max_new_tokens new tokens; no greedy member) with a fixed seed, both distributions
+    taken at gen.temperature, as the rollout KL is. The exact KL of the two next-token distributions,
+    summed over the answer's positions, has the sequence KL as its mean (chain rule) with less variance
+    than the log-ratio (the per-step rollout KL's estimator). `reference()` makes `policy` the reference."""
+    g = dataclasses.replace(gen, min_new_tokens=gen.max_new_tokens, greedy_member=False)
+    T = max(gen.temperature, 1e-6)
+    rng = random.Random(seed)
+    full, sampled, length = [], [], []
+    was_training = policy.training
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i: i + batch_size]
+        ro = sample_rollout(policy, tok, chunk, [None] * len(chunk), gen=g, k=1, rng=rng, chat=chat, system=system,
+                            device=device)
+        policy.eval()
+        seq, mask, rmask = ro.gen.sequences, ro.attention_mask, ro.gen.mask
+        logp, _, _, logits = policy_forward(policy, seq, mask, rmask, 1, T, values=False, with_logits=True)
+        with reference():
+            ref_logp, _, _, ref_logits = policy_forward(policy, seq, mask, rmask, 1, T, values=False, with_logits=True)
+        m = rmask.double()
+        full.append((kl_per_token(logp, ref_logp, KLEstimator.FULL, logits / T, ref_logits / T).double() * m).sum(1))
+        sampled.append(((logp - ref_logp).double() * m).sum(1))
+        length.append(m.sum(1))
+    policy.train(was_training)
+    return torch.cat(full).cpu(), torch.cat(sampled).cpu(), torch.cat(length).cpu()
+
+
+def held_out_kl(policy, reference, tok, prompts: list[str], **kw) -> dict[str, float]:
+    """{"kl", "kl_sampled", "kl_length"}: the means of `answer_kls` (same arguments) over the prompts."""
+    full, sampled, length = answer_kls(policy, reference, tok, prompts, **kw)
+    return {"kl": full.mean().item(), "kl_sampled": sampled.mean().item(), "kl_length": length.mean().item()}
+
+
 class HeldOutEval:
     """Called with a step number: evaluates, logs `eval_*` metrics, prints one line, keeps the report.
-    `cfg.eval_prompts` caps the held-out prompts (0: no evaluation); `summary()` gives the first and
-    last reports and, for scores, the gain in units of the first evaluation's spread."""
+    `cfg.held_out` (a HeldOutSection) sets the prompts, the answer budget and the KL measurement;
+    `reference()` makes the policy the reference (for the KL). `summary()` gives the first and last
+    reports and, for scores, the gain in units of the first evaluation's spread."""
 
     def __init__(self, policy, tok, split: PromptSplit, cfg, *, reward_head, reward_fn, out_dir: Path, log,
-                 is_main: bool, device):
-        d = cfg.data
+                 is_main: bool, device, reference=None):
+        d, h = cfg.data, cfg.held_out
         self.policy, self.tok, self.device, self.log, self.is_main = policy, tok, device, log, is_main
         self.synthetic = d.source == "synthetic"
-        self.max_new_tokens = cfg.eval_max_new_tokens
+        self.max_new_tokens = h.max_new_tokens
         self.reports: dict[int, dict[str, float]] = {}
         self.samples = out_dir / "eval_samples"
-        n = cfg.eval_prompts
+        n = h.prompts
+        self.reference, self.kl_prompts = reference, min(h.kl_prompts, n)
+        self.system = SYSTEM if self.synthetic else None
+        self.gen, self.chat = cfg.gen, prompts_use_chat(d)
         if self.synthetic:
             self.examples = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=cfg.run.seed)[1][:n]
             self.size = len(self.examples)
         else:
             self.prompts, self.refs = split.held_out[:n], split.held_out_references[:n]
             self.size = len(self.prompts)
-            self.kw = dict(gen=replace(cfg.gen, max_new_tokens=cfg.eval_max_new_tokens), chat=prompts_use_chat(d),
+            self.kw = dict(gen=dataclasses.replace(cfg.gen, max_new_tokens=h.max_new_tokens), chat=self.chat,
                            system=None, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                            device=device)
 
@@ -86,6 +128,13 @@ class HeldOutEval:
                     f"cut by the budget {report['no_eos_share']:.0%}, by a stop string {report['stop_share']:.0%}, "
                     f"empty {report['empty_share']:.0%}, "
                     f"{report['response_length']:.1f} tokens")
+        if self.kl_prompts and self.reference is not None:
+            prompts = ([ex["prompt"] for ex in self.examples] if self.synthetic else self.prompts)[: self.kl_prompts]
+            kl = held_out_kl(self.policy, self.reference, self.tok, prompts, gen=self.gen, chat=self.chat,
+                             system=self.system, device=self.device)
+            report |= kl
+            line += (f"; KL to the reference {kl['kl']:.2f} nats per sampled answer ({len(prompts)} prompts, "
+                     f"{kl['kl_length']:.1f} tokens)")
         self.reports[step] = report
         if self.is_main:
             self.samples.mkdir(parents=True, exist_ok=True)
@@ -120,4 +169,4 @@ class HeldOutEval:
         return line + (f" ({s['eval_gain_sigma']:+.2f} std of the first)" if "eval_gain_sigma" in s else "")
 
 
-__all__ = ["HeldOutEval", "held_out_scores"]
+__all__ = ["HeldOutEval", "answer_kls", "held_out_kl", "held_out_scores"]

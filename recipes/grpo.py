@@ -31,8 +31,8 @@ from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, promp
                               sample_rollout, score_rollout, score_with_function, with_answers)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
-from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection, RewardSource,
-                                     RunSection, WandbSection)
+from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
+                                     RewardSource, RunSection, WandbSection)
 from minitune.train.setup import (attach_policy, build_base, finish_model, finish_run, progress_bar,
                                   resolve_init_adapter, restore_adapter, restore_state, save_state, start_run)
 from minitune.train.control import StopSignal, check_finite
@@ -97,10 +97,7 @@ class GRPOConfig:
     gen: GenSection = field(default_factory=lambda: GenSection.synthetic(temperature=0.7))
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # adapter to start from (and reference); "auto": the SFT default's if present; "": none
-    # held-out prompts answered greedily at the start, every run.eval_every steps and at the end (0: none):
-    # exact-match on the synthetic task, else the reward's mean score (minitune.rl_eval)
-    eval_prompts: int = 200
-    eval_max_new_tokens: int = 32
+    held_out: HeldOutSection = field(default_factory=HeldOutSection)  # 200 prompts never trained on, greedy
 
 
 def micro_batches(groups: list[int], G: int, answers: int) -> list[list[int]]:
@@ -222,7 +219,7 @@ def train(cfg: GRPOConfig) -> dict:
     mgr = CheckpointManager(out_dir, cfg.run.keep_last)
     last_ckpt, history = resume, []
     held_out = HeldOutEval(policy, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir,
-                           log=log, is_main=info.is_main, device=device)
+                           log=log, is_main=info.is_main, device=device, reference=reference)
 
     t_start = time.perf_counter()
     if held_out and step == 0:

@@ -31,7 +31,7 @@ from minitune.rollout import (Rollout, check_reward_adapter, empty_answers, load
                               resolve_reward_fn, sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
-from minitune.train.sections import (DataSection, GenSection, ModelSection, OptimSection,
+from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
                                      RewardSource, RunSection, WandbSection)
 from minitune.train.setup import (attach_policy, build_base, finish_model, finish_run, progress_bar,
                                   resolve_init_adapter, restore_adapter, restore_state, save_state, start_run)
@@ -59,10 +59,7 @@ class PPOConfig:
     reward: RewardSource = field(default_factory=RewardSource)
     init_adapter: str = "auto"  # SFT adapter to start from; "auto": the SFT default's (f"{SFT_OUTPUT_DIR}/adapter") if present; "": none
     sample_every: int = 4
-    # held-out prompts answered greedily at the start, every run.eval_every steps and at the end (0: none):
-    # exact-match on the synthetic task, else the reward's mean score (minitune.rl_eval)
-    eval_prompts: int = 200
-    eval_max_new_tokens: int = 32  # answer budget of that greedy evaluation (SFT's default too)
+    held_out: HeldOutSection = field(default_factory=HeldOutSection)  # 200 prompts never trained on, greedy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,6 +137,9 @@ def check_config(cfg: PPOConfig) -> None:
     if cfg.gen.greedy_member and k < 2:
         raise MinituneError("gen.greedy_member makes the first of each prompt's answers the greedy one: set "
                             "ppo.samples_per_prompt to 2 or more, or gen.greedy_member=false")
+    if not 0 <= cfg.ppo.kl_coef_min <= cfg.ppo.init_kl_coef:
+        raise MinituneError(f"ppo.kl_coef_min ({cfg.ppo.kl_coef_min}) must lie in [0, ppo.init_kl_coef "
+                            f"({cfg.ppo.init_kl_coef})]: it is the floor the adaptive weight starts above")
     if cfg.ppo.group_baseline and k < 2:
         raise MinituneError("ppo.group_baseline compares a prompt's responses with each other: set "
                             "ppo.samples_per_prompt to 2 or more, or group_baseline=false")
@@ -174,8 +174,8 @@ def train(cfg: PPOConfig) -> dict:
     prompts, refs = split.prompts, split.references
     mine = list(range(info.rank, len(prompts), info.world_size))
     opt = build_optimizer(model.parameters(), cfg.optim)
-    kl_ctl = (AdaptiveKLController(cfg.ppo.init_kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon) if cfg.ppo.adaptive_kl
-              else FixedKLController(cfg.ppo.init_kl_coef))
+    kl_ctl = (AdaptiveKLController(cfg.ppo.init_kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon, cfg.ppo.kl_coef_min)
+              if cfg.ppo.adaptive_kl else FixedKLController(cfg.ppo.init_kl_coef))
     moments = RunningMoments()
     step, cursor = 0, 0
     if resume is not None:
@@ -189,7 +189,7 @@ def train(cfg: PPOConfig) -> dict:
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "ppo")
     policy = unwrap(model)
     held_out = HeldOutEval(policy, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir,
-                           log=log, is_main=info.is_main, device=device)
+                           log=log, is_main=info.is_main, device=device, reference=reference)
     if held_out and step == 0:
         held_out(0)
     with StopSignal() as stop:

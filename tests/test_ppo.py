@@ -119,6 +119,11 @@ def test_adaptive_kl_controller():
     c2 = AdaptiveKLController(0.2, target=6.0, horizon=10000)
     c2.update(3.0, 100)  # error -0.5 clipped to -0.2
     assert c2.value == pytest.approx(0.2 * (1 - 0.2 * 100 / 10000))
+    c3 = AdaptiveKLController(0.1, target=4.0, horizon=32, minimum=0.1)
+    c3.update(1.0, 16)  # would drop to 0.09: held at the floor
+    assert c3.value == 0.1
+    c3.update(8.0, 16)  # above target it still rises: 0.1 * 1.1
+    assert c3.value == pytest.approx(0.11)
 
 
 # Last-5 minus first-5 mean toy score, averaged over seeds 0-2, measured on this project's CPU at
@@ -217,7 +222,7 @@ def test_reward_function_errors_are_named(toy_folder, tmp_path):
     ppo = load_recipe("ppo")
     base = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=1", "ppo.rollout_batch=4", "ppo.mini_batch=4", "gen.min_new_tokens=2",
-            "gen.max_new_tokens=2", "init_adapter=", "eval_prompts=0"]  # the rollout's scoring, not the held-out check's
+            "gen.max_new_tokens=2", "init_adapter=", "held_out.prompts=0"]  # the rollout's scoring, not the held-out check's
     for fn, msg in [("helpers:reward_raises", "raised ValueError"), ("helpers:reward_nan", "non-finite"),
                     ("helpers:reward_wrong_shape", "returned 1 scores for 4 responses"),
                     ("helpers:no_such_fn", "cannot be imported")]:
@@ -232,7 +237,8 @@ def test_group_settings_are_checked_before_loading(tmp_path):
     bad = [(["ppo.rollout_batch=10", "ppo.samples_per_prompt=4"], "multiple of ppo.samples_per_prompt"),
            (["ppo.samples_per_prompt=1", "ppo.group_baseline=true"], "samples_per_prompt to 2 or more"),
            (["ppo.rollout_batch=16", "ppo.samples_per_prompt=4", "ppo.mini_batch=6"], "mini_batch .6. must be a positive multiple"),
-           (["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "gen.greedy_member=true"], "gen.greedy_member makes")]
+           (["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "gen.greedy_member=true"], "gen.greedy_member makes"),
+           (["ppo.init_kl_coef=0.1", "ppo.kl_coef_min=0.2"], "kl_coef_min .0.2. must lie in")]
     for args, msg in bad:
         with pytest.raises(MinituneError, match=msg):  # model.path does not exist: the check comes first
             ppo.train(parse_cli(ppo.PPOConfig, args + [f"model.path={tmp_path / 'none'}",
@@ -248,7 +254,7 @@ def test_default_rollout_budget_fits_every_synthetic_answer(demo_tok):
     train, evals = train_eval_split(cfg.data.synthetic_train, cfg.data.synthetic_eval, seed=cfg.run.seed)
     longest = max(len(demo_tok.encode(ex["answer"])) + 1 for ex in train + evals)  # + EOS
     assert cfg.gen.min_new_tokens >= longest, (cfg.gen.min_new_tokens, longest)
-    assert cfg.eval_max_new_tokens >= longest
+    assert cfg.held_out.max_new_tokens >= longest
     yaml_file = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_synthetic.yaml"
     yaml_cfg = parse_cli(load_recipe("ppo").PPOConfig, ["--config", str(yaml_file)])
     assert yaml_cfg.gen.min_new_tokens >= longest
@@ -273,7 +279,7 @@ def test_greedy_member_gives_ppo_the_greedy_answer_first(toy_folder, tmp_path, m
     args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=1", "ppo.rollout_batch=8", "ppo.mini_batch=8", "ppo.samples_per_prompt=4",
             "ppo.group_baseline=true", "ppo.use_value=false", "gen.min_new_tokens=6", "gen.max_new_tokens=6",
-            "init_adapter=", "eval_prompts=0", "reward.function=helpers:share_of_letter_a"]
+            "init_adapter=", "held_out.prompts=0", "reward.function=helpers:share_of_letter_a"]
     ppo.train(parse_cli(ppo.PPOConfig, args + ["gen.greedy_member=true", f"run.output_dir={tmp_path / 'g'}"]))
     ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 's'}"]))
     with_greedy, plain = seen

@@ -220,6 +220,25 @@ class GenSection:
 
 
 @dataclass
+class HeldOutSection:
+    """The RL recipes' held-out check (minitune.rl_eval): the first `prompts` held-out prompts (0: no
+    check) answered greedily, at most `max_new_tokens` new tokens each, at the start, every
+    `run.eval_every` steps and at the end: exact-match on the synthetic task, else the reward's mean
+    score. With `kl_prompts` > 0 the first kl_prompts of them (all, if fewer) also get one answer sampled as rollouts
+    are (temperature, stop strings, `gen.max_new_tokens`) and the policy's KL to the reference is
+    measured on those: a fixed set of prompts, where the per-step rollout KL comes from one small batch."""
+
+    prompts: int = 200
+    max_new_tokens: int = 32  # SFT's greedy evaluation budget too
+    kl_prompts: int = 0
+
+    def __post_init__(self):
+        require(self.prompts >= 0, "prompts", self.prompts, "must be >= 0 (0: no held-out check)")
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        require(self.kl_prompts >= 0, "kl_prompts", self.kl_prompts, "must be >= 0 (0: no KL measurement)")
+
+
+@dataclass
 class RewardSource:
     """What scores a rollout: a Python function, or a reward adapter from recipes/reward_model.py."""
 
