@@ -90,6 +90,9 @@ def panels_for(runs: list[tuple[str, dict]], metrics: list[str] | None = None) -
     return out
 
 
+LINE_STYLES = ["-", "--", ":", "-."]
+
+
 def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[str] | None = None) -> Path:
     """Writes the PNG (only the named `metrics` when given) and returns its path."""
     try:
@@ -107,15 +110,16 @@ def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[s
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
-        for run, series in runs:
-            for k in keys:
-                pts = series.get(k)
-                if not pts:
-                    continue
+        for r, (run, series) in enumerate(runs):
+            for j, k in enumerate(k for k in keys if series.get(k)):
+                pts = series[k]
                 label = k if len(runs) == 1 else f"{run}: {k}"
+                # one colour per run in every panel when runs are compared (metrics told apart by line style)
+                color, style = (f"C{j}", "-") if len(runs) == 1 else (f"C{r % 10}", LINE_STYLES[j % len(LINE_STYLES)])
                 xs, ys = zip(*pts)
                 held_out = k.startswith("eval_") or (k == "accuracy" and len(pts) <= 3)
-                line, = ax.plot(xs, ys, "o-" if held_out or len(pts) < 20 else "-", markersize=3, label=label)
+                line, = ax.plot(xs, ys, linestyle=style, marker="o" if held_out or len(pts) < 20 else None,
+                                markersize=3, color=color, label=label)
                 if held_out and len(pts) >= 2:
                     for (x, y), tag in ((pts[0], "before"), (pts[-1], "after")):
                         ax.annotate(f"{tag} {y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,

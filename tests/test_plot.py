@@ -68,3 +68,25 @@ def test_metrics_option_draws_only_the_named_metrics(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path / "ppo"), "--metrics", "eval_exact_match,nope"]) == 2
     assert "--metrics nope: not logged by these runs; they log" in capsys.readouterr().err
+
+
+def test_overlaid_runs_keep_one_colour_each_in_every_panel(tmp_path, monkeypatch):
+    """Comparing runs, a run is one colour in every panel and its metrics differ by line style; one
+    run alone gets a colour per metric."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot([rl_run(tmp_path / "a"), rl_run(tmp_path / "b")], tmp_path / "ab.png")
+    colours: dict[str, set] = {"a": set(), "b": set()}
+    for ax in figures[0].axes:
+        styles = {}
+        for line in ax.get_lines():
+            run, key = line.get_label().split(": ")
+            colours[run].add(line.get_color())
+            styles.setdefault(run, []).append(line.get_linestyle())
+        assert all(len(set(s)) == len(s) for s in styles.values())  # a run's metrics in one panel: distinct styles
+    assert len(colours["a"]) == 1 and len(colours["b"]) == 1 and colours["a"] != colours["b"]
+    plot([rl_run(tmp_path / "c")], tmp_path / "c.png")
+    exact = next(ax for ax in figures[1].axes if any("exact_match" in ln.get_label() for ln in ax.get_lines()))
+    assert len({ln.get_color() for ln in exact.get_lines()}) == len(exact.get_lines()) > 1
