@@ -176,8 +176,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torc
 
 
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLEstimator,
-                 logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, R] KL estimate per token. FULL needs the (temperature-scaled) logits [B, R, V]."""
+                 logits: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] KL estimate per token. FULL needs the raw logits [B, R, V]: both distributions are taken
+    at `temperature`, as logprobs_from_logits takes the log-probs."""
     d = logp - ref_logp
     if kind == KLEstimator.KL:
         return d
@@ -187,7 +189,8 @@ def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, kind: KLEstimator,
         return 0.5 * d.square()
     if logits is None or ref_logits is None:
         raise MinituneError("the 'full' KL estimator needs the policy and reference logits")
-    lp, lq = F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1)
+    t = sampling_temperature(temperature)
+    lp, lq = F.log_softmax(logits.float() / t, -1), F.log_softmax(ref_logits.float() / t, -1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -295,8 +298,7 @@ def trajectory(policy, reference, sequences: torch.Tensor, attention_mask: torch
         with reference():
             ref_logp, _, _, ref_logits = policy_forward(policy, sequences, attention_mask, response_mask, k, T,
                                                         values=False, with_logits=full)
-        scaled = (logits / max(T, 1e-6), ref_logits / max(T, 1e-6)) if full else (None, None)
-        kl = kl_per_token(logp, ref_logp, s.kl_estimator, *scaled) * rmask
+        kl = kl_per_token(logp, ref_logp, s.kl_estimator, logits, ref_logits, T) * rmask
         rewards, non_score = per_token_rewards(scores, kl, rmask, kl_coef)
         if not s.use_value:
             values = torch.zeros_like(values)
@@ -378,13 +380,16 @@ class FixedKLController:
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[B, R] log-probs of `tokens` under softmax(logits / temperature): the distribution sampled
     from, so rollout and training log-probs agree (negative KL otherwise: trl #925)."""
-    t = temperature if temperature > 0 else 1.0
-    return F.log_softmax(logits.float() / t, -1).gather(-1, tokens[..., None])[..., 0]
+    return F.log_softmax(logits.float() / sampling_temperature(temperature), -1).gather(-1, tokens[..., None])[..., 0]
+
+
+def sampling_temperature(temperature: float) -> float:
+    """The temperature log-probs are taken at: greedy decoding (0) has none, so 1."""
+    return temperature if temperature > 0 else 1.0
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    t = temperature if temperature > 0 else 1.0
-    lp = F.log_softmax(logits.float() / t, -1)
+    lp = F.log_softmax(logits.float() / sampling_temperature(temperature), -1)
     return -(lp.exp() * lp).sum(-1)
 
 

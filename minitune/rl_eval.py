@@ -14,10 +14,11 @@ from typing import Callable
 
 import torch
 
-from minitune.data.synthetic import SYSTEM, train_eval_split
+from minitune.data.synthetic import train_eval_split
 from minitune.evaluation import exact_match_report, format_report
 from minitune.ppo import KLEstimator, kl_per_token, policy_forward
-from minitune.rollout import PromptSplit, empty_answers, prompts_use_chat, sample_rollout, score_rollout
+from minitune.rollout import (PromptSplit, empty_answers, prompts_system, prompts_use_chat, sample_rollout,
+                              score_rollout)
 from minitune.train.sections import GenSection
 
 
@@ -59,21 +60,21 @@ def answer_kls(policy, reference, tok, prompts: list[str], *, gen: GenSection, c
     summed over the answer's positions, has the sequence KL as its mean (chain rule) with less variance
     than the log-ratio (the per-step rollout KL's estimator). `reference()` makes `policy` the reference."""
     g = dataclasses.replace(gen, min_new_tokens=gen.max_new_tokens, greedy_member=False)
-    T = max(gen.temperature, 1e-6)
+    T = gen.temperature
     rng = random.Random(seed)
     full, sampled, length = [], [], []
     was_training = policy.training
+    policy.eval()  # sample_rollout keeps the mode it finds
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i: i + batch_size]
         ro = sample_rollout(policy, tok, chunk, [None] * len(chunk), gen=g, k=1, rng=rng, chat=chat, system=system,
                             device=device)
-        policy.eval()
         seq, mask, rmask = ro.gen.sequences, ro.attention_mask, ro.gen.mask
         logp, _, _, logits = policy_forward(policy, seq, mask, rmask, 1, T, values=False, with_logits=True)
         with reference():
             ref_logp, _, _, ref_logits = policy_forward(policy, seq, mask, rmask, 1, T, values=False, with_logits=True)
         m = rmask.double()
-        full.append((kl_per_token(logp, ref_logp, KLEstimator.FULL, logits / T, ref_logits / T).double() * m).sum(1))
+        full.append((kl_per_token(logp, ref_logp, KLEstimator.FULL, logits, ref_logits, T).double() * m).sum(1))
         sampled.append(((logp - ref_logp).double() * m).sum(1))
         length.append(m.sum(1))
     policy.train(was_training)
@@ -102,7 +103,7 @@ class HeldOutEval:
         self.samples = out_dir / "eval_samples"
         n = h.prompts
         self.reference, self.kl_prompts = reference, min(h.kl_prompts, n)
-        self.system = SYSTEM if self.synthetic else None
+        self.system = prompts_system(d)
         self.gen, self.chat = cfg.gen, prompts_use_chat(d)
         if self.synthetic:
             self.examples = train_eval_split(d.synthetic_train, d.synthetic_eval, seed=cfg.run.seed)[1][:n]

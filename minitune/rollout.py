@@ -13,7 +13,7 @@ import torch
 from minitune.data.loading import train_and_eval_rows
 from minitune.data.preference import hh_messages, split_hh
 from minitune.data.prompts import encode_prompts, prompt_rendering
-from minitune.data.synthetic import train_eval_split
+from minitune.data.synthetic import SYSTEM, train_eval_split
 from minitune.errors import MinituneError
 from minitune.generate import GenerationOutput, generate, left_pad, positions_from_mask
 from minitune.lora import use_adapter
@@ -250,6 +250,11 @@ def prompts_use_chat(d) -> bool:
     under `data.template: chat`, and the synthetic task); hh dialogues are rendered whole by
     `load_prompts` instead."""
     return d.template.value == "chat" and not d.hh_format
+
+
+def prompts_system(d) -> str | None:
+    """The system message rollout prompts get: the synthetic task's instruction, else none."""
+    return SYSTEM if d.source == "synthetic" else None
 
 
 def check_reward_adapter(d, folder: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.synthetic import SYSTEM, is_correct
+from minitune.data.synthetic import is_correct
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError, require
 from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups, rows_to_guide
@@ -27,8 +27,8 @@ from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
 from minitune.ppo import policy_forward
-from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_use_chat, resolve_reward_fn,
-                              sample_rollout, score_rollout, score_with_function, with_answers)
+from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_system, prompts_use_chat,
+                              resolve_reward_fn, sample_rollout, score_rollout, score_with_function, with_answers)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
@@ -225,7 +225,7 @@ def train(cfg: GRPOConfig) -> dict:
     if held_out and step == 0:
         held_out(0)
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "grpo")
-    chat, system = prompts_use_chat(cfg.data), SYSTEM if cfg.data.source == "synthetic" else None
+    chat, system = prompts_use_chat(cfg.data), prompts_system(cfg.data)
     G = cfg.grpo.group_size
     with StopSignal() as stop:
         while step < cfg.run.max_steps:

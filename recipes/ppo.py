@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minitune.data.synthetic import SYSTEM, is_correct
+from minitune.data.synthetic import is_correct
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError
 from minitune.lora import LoRAConfig, base_parameter_bytes, set_adapter
@@ -27,8 +27,8 @@ from minitune.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, 
                           trajectory)
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
-from minitune.rollout import (Rollout, check_reward_adapter, empty_answers, load_prompts, prompts_use_chat,
-                              resolve_reward_fn, sample_rollout, score_rollout)
+from minitune.rollout import (Rollout, check_reward_adapter, empty_answers, load_prompts, prompts_system,
+                              prompts_use_chat, resolve_reward_fn, sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
@@ -201,7 +201,7 @@ def train(cfg: PPOConfig) -> dict:
             cursor += len(picked)
             ro = sample_rollout(policy, tok, [prompts[i] for i in picked], [refs[i] for i in picked], gen=cfg.gen, k=k,
                                 rng=rng, chat=prompts_use_chat(cfg.data),
-                                system=SYSTEM if cfg.data.source == "synthetic" else None, device=device)
+                                system=prompts_system(cfg.data), device=device)
             # 2-5. Scores, policy/reference log-probs and values, per-token rewards, advantages.
             traj, raw, non_score = make_trajectory(cfg, ro, policy, reference, reward_head, reward_fn, moments,
                                                    kl_ctl.value, device)
