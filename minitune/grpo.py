@@ -49,13 +49,18 @@ def _groups(scores: torch.Tensor, group: int) -> torch.Tensor:
     return scores.view(-1, group)
 
 
-def group_advantages(scores: torch.Tensor, group: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(scores: torch.Tensor, group: int, *, scale: bool = True, eps: float = 1e-4,
+                     negative_weight: float = 1.0) -> torch.Tensor:
     """[B] advantages: score minus its group's mean, divided by the group's (unbiased) std + eps
-    when `scale` (GRPO), not divided when not (Dr. GRPO). A group of equal scores gives zeros."""
+    when `scale` (GRPO), not divided when not (Dr. GRPO). A group of equal scores gives zeros.
+    Below-mean answers' advantages are multiplied by `negative_weight` (1: GRPO; 0: only the answers
+    better than their group's mean are reinforced, as rejection-sampling fine-tuning does)."""
     g = _groups(scores, group).float()
     adv = g - g.mean(1, keepdim=True)
     if scale:
         adv = adv / (g.std(1, keepdim=True) + eps)
+    if negative_weight != 1.0:
+        adv = torch.where(adv < 0, adv * negative_weight, adv)
     return adv.flatten()
 
 

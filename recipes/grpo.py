@@ -45,6 +45,9 @@ class GRPOSection:
     rollout_batch: int = 128  # responses per rank per step: rollout_batch / group_size prompts
     group_size: int = 8  # G answers per prompt, from one prefill
     scale_advantages: bool = True  # (s - mean) / (std + eps); false: s - mean (Dr. GRPO)
+    # weight of the below-mean answers' advantages: 1 pushes them down (GRPO); 0 reinforces only the answers better
+    # than their group's mean (rejection-sampling fine-tuning on the policy's own answers: RAFT, ReST, STaR)
+    negative_weight: float = 1.0
     clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.28  # DAPO's clip-higher: room for unlikely tokens to grow
     beta: float = 0.0  # weight of the k3 KL to the reference; 0 skips the reference forward
@@ -66,6 +69,8 @@ class GRPOSection:
         require(0 <= self.clip_low < 1, "clip_low", self.clip_low, "must be in [0, 1)")
         require(self.clip_high >= 0, "clip_high", self.clip_high, "must be >= 0")
         require(self.beta >= 0, "beta", self.beta, "must be >= 0 (0: no KL term)")
+        require(0 <= self.negative_weight <= 1, "negative_weight", self.negative_weight,
+                "must be in [0, 1] (1: GRPO, 0: only better-than-mean answers reinforced)")
         for name in ("epochs", "mini_batches", "micro_batch"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
 
@@ -246,7 +251,8 @@ def train(cfg: GRPOConfig) -> dict:
                 ro = with_answers(ro, {b: ro.references[b] for b in guided}, tok)
                 scores = raw.clone()
                 scores[guided] = ref_scores[[b // G for b in guided]]
-            adv = group_advantages(scores, G, scale=cfg.grpo.scale_advantages)
+            adv = group_advantages(scores, G, scale=cfg.grpo.scale_advantages,
+                                   negative_weight=cfg.grpo.negative_weight)
             keep = informative_groups(scores, G) if cfg.grpo.skip_equal_groups else torch.ones(len(picked), dtype=torch.bool)
             row_weight = keep.repeat_interleave(G).float().to(device)
             if info.world_size > 1:  # every rank runs the same number of forwards: skipped groups stay, weightless

@@ -39,6 +39,13 @@ def test_group_advantages_match_loop_reference_and_equal_groups_give_zero():
     # one right answer among four wrong-scored ones: (1 - 0.25) / std(unbiased) = 0.75 / 0.5
     assert group_advantages(scores, 4)[12].item() == pytest.approx(0.75 / (0.5 + 1e-4), rel=1e-6)
     assert informative_groups(scores, 4).tolist() == [True, True, False, True]
+    # negative_weight: below-mean answers scaled (0: only better-than-mean answers reinforced)
+    for w in (0.0, 0.5):
+        for scale in (True, False):
+            ref = [a * w if a < 0 else a for a in advantages_reference(scores.tolist(), 4, scale)]
+            adv = group_advantages(scores, 4, scale=scale, negative_weight=w)
+            assert torch.allclose(adv.double(), torch.tensor(ref, dtype=torch.float64), atol=1e-6)
+    assert (group_advantages(scores, 4, negative_weight=0.0) >= 0).all()
     with pytest.raises(MinituneError, match="groups of 3"):
         group_advantages(scores, 3)
     with pytest.raises(MinituneError, match="group size >= 2"):
@@ -194,6 +201,8 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path):
         parse_cli(grpo_recipe.GRPOConfig, ["grpo.group_size=1"])
     with pytest.raises(MinituneError, match=r"grpo.beta=-0.1 must be >= 0"):
         parse_cli(grpo_recipe.GRPOConfig, ["grpo.beta=-0.1"])
+    with pytest.raises(MinituneError, match=r"grpo.negative_weight=1.5 must be in \[0, 1\]"):
+        parse_cli(grpo_recipe.GRPOConfig, ["grpo.negative_weight=1.5"])
     with pytest.raises(MinituneError, match=r"gen.min_new_tokens=40 must be in \[1, max_new_tokens=32\]"):
         parse_cli(grpo_recipe.GRPOConfig, ["gen.min_new_tokens=40"])
     adapter = tmp_path / "other"
