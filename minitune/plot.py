@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 
 from minitune.errors import MinituneError
@@ -130,7 +131,8 @@ def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[s
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(" vs ".join(r for r, _ in runs), fontsize=11)
+    # wrapped to the figure's width (~10 characters an inch at this size): many runs' names otherwise run off it
+    fig.suptitle(textwrap.fill(" vs ".join(r for r, _ in runs), width=int(fig.get_size_inches()[0] * 10)), fontsize=11)
     fig.tight_layout()
     first = Path(paths[0])
     target = Path(out) if out else (first if first.is_dir() else first.parent) / "curves.png"

@@ -90,3 +90,21 @@ def test_overlaid_runs_keep_one_colour_each_in_every_panel(tmp_path, monkeypatch
     plot([rl_run(tmp_path / "c")], tmp_path / "c.png")
     exact = next(ax for ax in figures[1].axes if any("exact_match" in ln.get_label() for ln in ax.get_lines()))
     assert len({ln.get_color() for ln in exact.get_lines()}) == len(exact.get_lines()) > 1
+
+
+def test_a_long_title_of_many_runs_wraps_inside_the_figure(tmp_path, monkeypatch):
+    """Five runs with long names: the title breaks into lines that each fit the figure's width (one line ran off
+    both edges before), and every run's name stays in it."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    names = [f"greedy_member_variant_{i}_with_a_long_name" for i in range(5)]
+    plot([rl_run(tmp_path / n) for n in names], tmp_path / "many.png")
+    fig = figures[0]
+    title = fig._suptitle
+    lines = title.get_text().split("\n")
+    assert len(lines) > 1 and all(n in title.get_text().replace("\n", " ") for n in names)
+    fig.canvas.draw()
+    box = title.get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width
