@@ -72,22 +72,28 @@ def main(argv=None):
                               pad_token_id=tok.pad_id)
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
-    rows = []
-    libs = [("minitune", run_ours), ("transformers", run_hf)]
+    libs = {"minitune": run_ours, "transformers": run_hf}
     if a.compile:
-        libs.append(("minitune compiled", lambda: run_ours(compile=True)))
-    for name, fn in libs:
-        fn()  # warm-up
-        rates = []
-        for _ in range(a.repeats):
+        libs["minitune compiled"] = lambda: run_ours(compile=True)
+    for fn in libs.values():
+        fn()  # warm-up (and compilation)
+    # The libraries take turns within each repeat, and each ratio is the median of the per-repeat ratios: a
+    # shared CPU drifts by tens of percent over minutes, which timing one library's repeats after the other's
+    # turned into a ratio that moved between runs (1.59x, 1.52x, 1.37x on 2026-11-28).
+    rates: dict[str, list[float]] = {name: [] for name in libs}
+    for _ in range(a.repeats):
+        for name, fn in libs.items():
             t0 = time.perf_counter()
             n = fn()
-            rates.append(n / (time.perf_counter() - t0))
-        rows.append({"library": name, "batch": a.batch, "new tokens": a.new, "tokens/s": statistics.median(rates)})
-    rows.append({"library": "minitune / transformers", "tokens/s": rows[0]["tokens/s"] / rows[1]["tokens/s"]})
-    if a.compile:
-        rows.append({"library": "minitune compiled / transformers", "tokens/s": rows[2]["tokens/s"] / rows[1]["tokens/s"]})
-    save("generation_smollm2_cpu", rows, ["library", "batch", "new tokens", "tokens/s"],
+            rates[name].append(n / (time.perf_counter() - t0))
+    rows = [{"library": name, "batch": a.batch, "new tokens": a.new, "tokens/s": statistics.median(r)}
+            for name, r in rates.items()]
+    for name in libs:
+        if name != "transformers":
+            paired = [x / y for x, y in zip(rates[name], rates["transformers"])]
+            rows.append({"library": f"{name} / transformers", "tokens/s": statistics.median(paired),
+                         "range": f"{min(paired):.2f}-{max(paired):.2f}"})
+    save("generation_smollm2_cpu", rows, ["library", "batch", "new tokens", "tokens/s", "range"],
          "python benchmarks/generation.py " + " ".join(sys.argv[1:] if argv is None else argv), a.out)
     return rows
 
