@@ -57,7 +57,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator=None,
-                 uniform: torch.Tensor | None = None):
+                 uniform: torch.Tensor | None = None, greedy: torch.Tensor | None = None):
     """Picks the next token [B] and its log-prob [B] from logits [B, V] (fp32).
 
     temperature 0 is greedy. Sampling draws token j with probability p_j (after the top-k/top-p
@@ -65,7 +65,8 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p:
     `uniform` [B, V] when given, else drawn from `generator`: a row's token then depends only on its
     own noise, not on which other rows are in the batch. The log-prob is taken under
     softmax(logits / temperature) before the top-k/top-p cut, so that it equals what a later
-    forward pass with the same temperature gives.
+    forward pass with the same temperature gives. `greedy` [B] bool: those rows take the most likely
+    token instead (their log-prob as above), the others are sampled as without it.
     """
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -75,6 +76,8 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p:
     if uniform is None:
         uniform = torch.rand(probs.shape, generator=generator, device=probs.device)
     tok = (probs / -uniform.clamp(min=1e-38).log()).argmax(-1)
+    if greedy is not None:
+        tok = torch.where(greedy, logits.argmax(-1), tok)
     return tok, F.log_softmax(scaled, -1).gather(-1, tok[:, None])[:, 0]
 
 
@@ -130,6 +133,7 @@ def generate(
     num_samples: int = 1,
     compile: bool = False,
     drop_finished: bool = True,
+    greedy_rows: torch.Tensor | None = None,
 ) -> GenerationOutput:
     """Generates up to `max_new_tokens` for each left-padded prompt in input_ids [B, P].
 
@@ -189,7 +193,8 @@ def generate(
             noise = None
             if temperature > 0:  # drawn for every output row, so a row's token does not depend on the others
                 noise = torch.rand((B, logits.shape[-1]), generator=generator, device=dev)[rows]
-            tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=noise)
+            tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=noise,
+                                   greedy=None if greedy_rows is None else greedy_rows[rows])
             tok = torch.where(live_done, torch.full_like(tok, pad_id), tok)
             seq[rows, P + n] = tok
             logprobs[rows, n] = torch.where(live_done, torch.zeros_like(lp), lp)

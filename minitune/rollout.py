@@ -95,7 +95,8 @@ def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: S
                    rng: random.Random, chat: bool, system: str | None, device) -> Rollout:
     """k sampled answers to each prompt (the policy in eval mode, KV cache, one prefill per prompt);
     the response length budget is drawn from [gen.min_new_tokens, gen.max_new_tokens] with `rng`.
-    With `gen.greedy_member` (and k > 1) each prompt's first answer is the greedy one."""
+    With `gen.greedy_member` (and k > 1) each prompt's first answer is the greedy one, decoded in the same
+    batch (to the same budget); the other answers are the samples drawn without the option."""
     t0 = time.perf_counter()
     ids, truncated = encode_prompts(list(prompts), tok, max_length=gen.max_prompt_length, chat=chat, system=system)
     q, qmask = left_pad(ids, tok.pad_id, device)
@@ -103,20 +104,19 @@ def sample_rollout(policy, tok: Tokenizer, prompts: Sequence[str], references: S
     policy.eval()
     n_new = rng.randint(gen.min_new_tokens, gen.max_new_tokens)
     g = torch.Generator(device=device).manual_seed(rng.randrange(2**31))
+    greedy_first = gen.greedy_member and k > 1
+    if greedy_first:  # the draws of the separate greedy pass this replaced: runs recorded before stay reproducible
+        rng.randint(gen.max_new_tokens, gen.max_new_tokens), rng.randrange(2**31)
     out = generate(policy, q, qmask, max_new_tokens=n_new, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
                    temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, generator=g, num_samples=k,
-                   compile=gen.compile)
+                   compile=gen.compile,
+                   greedy_rows=(torch.arange(len(prompts) * k, device=device) % k == 0) if greedy_first else None)
     policy.train(was_training)
     out, stopped = cut_at_stop_strings(out, tok, gen.stop, q.shape[1], tok.pad_id)
     responses = [tok.decode(t[: int(n)]) for t, n in zip(out.tokens, out.lengths)]
     ro = Rollout([p for p in prompts for _ in range(k)], [r for r in references for _ in range(k)],
                  q.repeat_interleave(k, 0), qmask.repeat_interleave(k, 0), out, responses, truncated,
                  time.perf_counter() - t0, stopped)
-    if gen.greedy_member and k > 1:  # decoded after the samples, which stay as without the option
-        greedy = sample_rollout(policy, tok, prompts, references, gen=gen.greedy(), k=1, rng=rng, chat=chat,
-                                system=system, device=device)
-        ro = with_rows_from(ro, greedy, {i * k: i for i in range(len(prompts))}, tok.pad_id)
-        ro = ro._replace(seconds=time.perf_counter() - t0)
     return ro
 
 
@@ -160,17 +160,6 @@ def with_answers(ro: Rollout, answers: dict[int, str], tok: Tokenizer) -> Rollou
     the new rows' sampling log-probs are 0 (they were not sampled: recompute them, as GRPO does)."""
     return _replace_rows(ro, {b: (tok.encode(text, add_special_tokens=False) + [tok.eos_id], True, False, text)
                               for b, text in answers.items()}, tok.pad_id)
-
-
-def with_rows_from(ro: Rollout, other: Rollout, rows: dict[int, int], pad_id: int) -> Rollout:
-    """`ro` with row b replaced by row j of `other` (an answer to the same prompt, e.g. the greedy
-    one: `gen.greedy_member`), for each b: j of `rows`; tokens, ended/stopped flags and text are
-    copied, sampling log-probs set to 0."""
-    for b, j in rows.items():
-        if ro.prompts[b] != other.prompts[j]:
-            raise ValueError(f"row {b} answers another prompt than row {j} of the other rollout")
-    return _replace_rows(ro, {b: (other.gen.tokens[j, : int(other.gen.lengths[j])].tolist(), bool(other.gen.ended[j]),
-                                  bool(other.stopped[j]), other.responses[j]) for b, j in rows.items()}, pad_id)
 
 
 def stop_cut(tok: Tokenizer, tokens: list[int], stops: Sequence[str]) -> int | None:

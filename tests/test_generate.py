@@ -2,7 +2,7 @@
 import torch
 
 from minitune import build_model, generate
-from minitune.generate import filter_logits, left_pad
+from minitune.generate import filter_logits, left_pad, positions_from_mask
 from minitune.model import ModelConfig
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -221,3 +221,25 @@ def test_sampling_draws_each_token_with_its_probability():
     tok, _ = sample_token(logits, temperature=1.0, top_k=0, top_p=1.0, generator=torch.Generator().manual_seed(0))
     freq = torch.bincount(tok, minlength=5).float() / len(tok)
     assert (freq - p).abs().max().item() < 0.01, freq
+
+
+def test_greedy_rows_decode_greedily_inside_a_sampled_batch():
+    # greedy_rows: the flagged rows equal a greedy generation of their prompts, every other row equals
+    # the sampled generation without the flag (each row's token depends only on its own noise)
+    m = model()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
+    common = dict(max_new_tokens=10, pad_id=0, num_samples=4, temperature=0.9, top_p=0.95)
+    flags = torch.arange(12) % 4 == 0
+    mixed = generate(m, ids, mask, generator=torch.Generator().manual_seed(5), greedy_rows=flags, **common)
+    sampled = generate(m, ids, mask, generator=torch.Generator().manual_seed(5), **common)
+    greedy = generate(m, ids, mask, max_new_tokens=10, pad_id=0)
+    assert torch.equal(mixed.tokens[flags], greedy.tokens)
+    assert torch.equal(mixed.tokens[~flags], sampled.tokens[~flags])
+    assert not torch.equal(sampled.tokens[flags], greedy.tokens)  # the flag did change those rows
+    assert torch.allclose(mixed.logprobs[~flags], sampled.logprobs[~flags], atol=1e-6)
+    # the flagged rows' log-probs are those of their tokens under the tempered distribution, as sampled rows'
+    am = torch.cat([mask.repeat_interleave(4, 0), mixed.mask], 1)
+    with torch.no_grad():
+        full = m(mixed.sequences, positions_from_mask(am), am).logits[:, ids.shape[1] - 1: -1].float() / 0.9
+    want = torch.log_softmax(full, -1).gather(-1, mixed.tokens[..., None])[..., 0] * mixed.mask
+    assert torch.allclose(mixed.logprobs[flags], want[flags], atol=1e-4)

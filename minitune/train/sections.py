@@ -193,7 +193,7 @@ class GenSection:
     # strings that end an answer (it is cut before them), e.g. ["\n\n"] for raw "Human:/Assistant:" dialogues,
     # which a model otherwise continues with the next turn instead of an EOS
     stop: list[str] = field(default_factory=list)
-    # with several answers per prompt, the first is the greedy one (temperature 0, full budget), decoded after
+    # with several answers per prompt, the first is the greedy one (temperature 0), decoded in the same batch as
     # the samples, which stay as without it: the answer a greedy evaluation scores is itself trained on, pushed
     # down where it is wrong and another answer is better (self-critical training's greedy answer, here a member
     # of the group rather than only its baseline). Greedy loops that sampling rarely shows get penalised too
@@ -215,7 +215,7 @@ class GenSection:
         return cls(min_new_tokens=32, max_new_tokens=32, temperature=temperature, max_prompt_length=96)
 
     def greedy(self) -> "GenSection":
-        """The same settings, decoded greedily to the full budget (held-out checks, the greedy member)."""
+        """The same settings, decoded greedily to the full budget (the held-out checks)."""
         return dataclasses.replace(self, temperature=0.0, min_new_tokens=self.max_new_tokens, greedy_member=False)
 
 
