@@ -50,19 +50,25 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     from minitune import generate, load_model, load_tokenizer
+    from minitune.cpu_linear import pack_linears
     from minitune.demo_model import demo_model_path
     from minitune.generate import left_pad
 
     path = demo_model_path()
     tok = load_tokenizer(path)
     ours = load_model(path)
+    # What the recipes run on CPU (`model.cpu_pack`, on by default there): linear layers through
+    # oneDNN with packed weights. The unpacked model beside it (MKL's sgemm, as transformers) shows
+    # what packing buys.
+    n_packed = pack_linears(ours)
+    mkl = load_model(path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
              for p in (PROMPTS * 4)[: a.batch]]
     ids, mask = left_pad(tok.encode_batch(texts), tok.pad_id)
 
-    def run_ours(compile=False):
-        out = generate(ours, ids, mask, max_new_tokens=a.new, eos_ids=[], pad_id=tok.pad_id,  # no early stop: same work
+    def run_ours(compile=False, model=ours):
+        out = generate(model, ids, mask, max_new_tokens=a.new, eos_ids=[], pad_id=tok.pad_id,  # no early stop: same work
                        compile=compile)
         return int(out.mask.sum())
 
@@ -75,6 +81,11 @@ def main(argv=None):
     libs = {"minitune": run_ours, "transformers": run_hf}
     if a.compile:
         libs["minitune compiled"] = lambda: run_ours(compile=True)
+    if n_packed:
+        libs["minitune unpacked (MKL linears)"] = lambda: run_ours(model=mkl)
+    same = torch.equal(generate(ours, ids, mask, max_new_tokens=a.new, pad_id=tok.pad_id).tokens,
+                       generate(mkl, ids, mask, max_new_tokens=a.new, pad_id=tok.pad_id).tokens)
+    print(f"packed linear layers: {n_packed}; greedy tokens equal unpacked: {same}")
     for fn in libs.values():
         fn()  # warm-up (and compilation)
     # The libraries take turns within each repeat, and each ratio is the median of the per-repeat ratios: a

@@ -20,6 +20,7 @@ from enum import Enum
 import torch
 from torch import nn
 
+from minitune.cpu_linear import is_plain_linear
 from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError
 
@@ -190,7 +191,7 @@ def quantize(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and child_name not in cfg.skip and full not in cfg.skip:
+            if is_plain_linear(child) and child_name not in cfg.skip and full not in cfg.skip:
                 setattr(module, child_name, _make_quantized(child, cfg))
     return model
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minitune.cpu_linear import is_plain_linear
 from minitune.data.packing import IGNORE
 
 
@@ -71,7 +72,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fusable(head: nn.Module) -> bool:
     """A plain nn.Linear without bias: what the fused path computes (LoRA or quantized heads are not)."""
-    return type(head) is nn.Linear and head.bias is None
+    return is_plain_linear(head) and head.bias is None
 
 
 def cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 0) -> torch.Tensor:

@@ -7,6 +7,7 @@ from enum import Enum
 
 import torch
 
+from minitune import cpu_linear
 from minitune.attention import AttentionImpl
 from minitune.data.formats import Template
 from minitune.dtypes import as_dtype
@@ -47,6 +48,7 @@ class ModelSection:
     attention: AttentionImpl = AttentionImpl.AUTO  # packed blocks: auto (flex on CUDA; on CPU segments from 1024 tokens, else sdpa), sdpa, segments, flex
     compile: bool | None = None  # torch.compile of each decoder layer for training; None: on for CUDA, off on CPU
     offload_activations: bool = False  # with gradient checkpointing: each layer's kept input in CPU memory
+    cpu_pack: bool | None = None  # oneDNN-packed weight copies for no-grad passes on CPU (minitune.cpu_linear); None: on for CPU
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -59,6 +61,9 @@ class ModelSection:
         if self.compile is None:
             self.compile = device.type == "cuda"
             notes.append(f"model.compile auto -> {str(self.compile).lower()} on {device.type}")
+        if self.cpu_pack is None:
+            self.cpu_pack = device.type == "cpu" and cpu_linear.available()
+            notes.append(f"model.cpu_pack auto -> {str(self.cpu_pack).lower()} on {device.type}")
         if self.offload_activations and not self.gradient_checkpointing:
             raise MinituneError("model.offload_activations offloads the layer inputs that gradient checkpointing "
                                 "keeps; set model.gradient_checkpointing=true too")

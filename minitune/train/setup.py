@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from minitune.activations import apply_activation_checkpointing
 from minitune.attention import set_attention
 from minitune.compile import compile_layers
+from minitune.cpu_linear import pack_linears
 from minitune.adapters import adapter_state_dict, load_adapter, save_adapter, split_adapter_tensors
 from minitune.checkpoint import iter_safetensors, load_model
 from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, cleanup, full_tensor, init_distributed
@@ -205,11 +206,13 @@ def attach_policy(base: Transformer, init: Path | None, lora: LoRAConfig) -> Cal
 
 def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: DistInfo,
                  head: nn.Module | None = None) -> nn.Module:
-    """Attention path, compiled layers, gradient checkpointing (and offloading), then DDP or FSDP2
+    """Attention path, packed CPU weights, compiled layers, gradient checkpointing (and offloading), then DDP or FSDP2
     around the model, or around `WithHead(model, head)`
     when a trainable head is given (so its gradients are synchronized like the adapter's). Returns the
     module to call in the training step."""
     set_attention(model, m.attention)
+    if m.cpu_pack and not (run.parallel == Parallel.FSDP and info.world_size > 1):  # FSDP regathers weights each pass
+        pack_linears(model)
     if m.compile:
         compile_layers(model)  # before checkpointing, which wraps the compiled layers
     if m.gradient_checkpointing:

@@ -1,0 +1,142 @@
+"""oneDNN-packed linear weights on CPU: the same products as F.linear, never a stale copy, gradients
+untouched, generation unchanged (eager and compiled, LoRA on and off)."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minitune import build_model, generate
+from minitune.cpu_linear import PackedLinear, available, is_plain_linear, pack_linears, packed_bytes, unpack_linears
+from minitune.generate import left_pad
+from minitune.model import ModelConfig
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no working oneDNN packed linear")
+
+
+def mlp(bias=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64, bias=bias), nn.ReLU(), nn.Linear(64, 16, bias=False)).to(dtype)
+
+
+def plain(m, x):
+    """The same network through F.linear on its current weights."""
+    return F.linear(torch.relu(F.linear(x, m[0].weight, m[0].bias)), m[2].weight)
+
+
+@pytest.mark.parametrize("dtype,bias,shape,tol", [
+    (torch.float32, True, (5, 32), 1e-5), (torch.float32, False, (2, 3, 32), 1e-5), (torch.float32, True, (1, 32), 1e-5),
+    (torch.bfloat16, True, (4, 32), 2e-2)])
+def test_packed_products_equal_f_linear(dtype, bias, shape, tol):
+    m = mlp(bias, dtype)
+    x = torch.randn(*shape).to(dtype)
+    assert pack_linears(m) == 2 and all(type(m[i]) is PackedLinear for i in (0, 2))
+    assert packed_bytes(m) == (32 * 64 + 64 * 16) * x.element_size()
+    with torch.no_grad():
+        y = m(x)
+    ref = plain(m, x)
+    assert y.shape == ref.shape and y.dtype == dtype
+    assert torch.allclose(y.float(), ref.float(), atol=tol, rtol=tol)
+    assert m[0]._pack.packed is not None  # the packed path ran, not the fallback
+
+
+def test_a_weight_changed_in_place_or_replaced_is_never_used_stale_eager_or_compiled():
+    m = mlp()
+    pack_linears(m)
+    x = torch.randn(4, 32)
+    f = torch.compile(lambda x: m(x), dynamic=False)
+    with torch.no_grad():
+        assert torch.allclose(f(x), plain(m, x), atol=1e-5)
+        m[0].weight.mul_(2)  # an optimizer step, merge or load_state_dict: in place
+        assert torch.allclose(f(x), plain(m, x), atol=1e-5)  # compiled: the op falls back to F.linear
+        assert torch.allclose(m(x), plain(m, x), atol=1e-5)  # eager: repacked
+        assert m[0]._pack.version == m[0].weight._version
+        assert torch.allclose(f(x), plain(m, x), atol=1e-5)
+        m[2].weight = nn.Parameter(torch.randn(16, 64))  # replaced
+        assert torch.allclose(m(x), plain(m, x), atol=1e-5)
+        assert m[2]._pack.src is m[2].weight
+
+
+def test_gradients_take_the_plain_path_and_equal_an_unpacked_copy():
+    m, ref = mlp(), mlp()
+    pack_linears(m)
+    x = torch.randn(6, 32)
+    m(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        assert torch.equal(a.grad, b.grad)
+    # input gradient through a frozen packed layer (LoRA's base): also the plain path
+    m.requires_grad_(False)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    m(xa).sum().backward()
+    plain(m, xb).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-6)
+
+
+def test_state_dict_copies_pickles_and_unpack_keep_the_layer():
+    m = mlp()
+    keys = list(m.state_dict())
+    pack_linears(m)
+    assert list(m.state_dict()) == keys  # the packed copy is not state
+    assert is_plain_linear(m[0]) and isinstance(m[0], nn.Linear)
+    x = torch.randn(3, 32)
+    for other in (copy.deepcopy(m), _roundtrip(m)):
+        assert type(other[0]) is PackedLinear
+        with torch.no_grad():
+            assert torch.allclose(other(x), plain(m, x), atol=1e-5)
+    assert unpack_linears(m) == 2 and type(m[0]) is nn.Linear and "_pack" not in m[0].__dict__
+    assert pack_linears(m) == 2 and pack_linears(m) == 2  # idempotent
+
+
+def _roundtrip(m):
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_the_fused_loss_and_quantization_still_see_a_plain_linear():
+    from minitune.quant import QuantConfig, is_quantized_linear, quantize
+    from minitune.train.loss import fusable
+
+    m = mlp(bias=False)
+    pack_linears(m)
+    assert fusable(m[0]) and fusable(m[2])
+    q = quantize(m, QuantConfig(compute_dtype="float32"))
+    assert is_quantized_linear(q[0]) and is_quantized_linear(q[2])
+
+
+def lora_model():
+    from minitune.lora import LoRAConfig, LoRALinear, apply_lora
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    m = build_model(cfg, seed=0).eval()
+    apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for layer in m.modules():
+            if isinstance(layer, LoRALinear):
+                layer.adapters["default"].lora_B.normal_(0, 0.2)
+    return m
+
+
+def test_generation_with_packed_weights_equals_unpacked_with_lora_on_and_off_eager_and_compiled():
+    from minitune.lora import disable_adapters
+
+    m = lora_model()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
+    common = dict(max_new_tokens=12, pad_id=0, num_samples=2, temperature=0.9, top_k=30)
+    ref = {on: None for on in (True, False)}
+    for on in (True, False):
+        with torch.no_grad() if on else disable_adapters(m):
+            ref[on] = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), **common)
+    n = pack_linears(m)
+    assert n == 2 * 7 + 1  # every base projection inside the LoRA wrappers and the head
+    for on in (True, False):
+        for compile in (False, True):
+            with torch.no_grad() if on else disable_adapters(m):
+                out = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), compile=compile, **common)
+            assert torch.equal(out.sequences, ref[on].sequences), (on, compile)
+            assert torch.allclose(out.logprobs, ref[on].logprobs, atol=1e-5)
