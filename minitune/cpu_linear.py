@@ -11,8 +11,8 @@ instead of 19 ms).
 
 `pack_linears(model)` is a transform applied to a built model: each plain `nn.Linear` (also the base
 layer inside a LoRA wrapper, not bitsandbytes layers) on CPU in float32 or bfloat16 keeps a packed copy
-of its weight, and its forward uses the copy whenever autograd does not need the product's gradient
-(under `torch.no_grad()` / `inference_mode()`: generation, reference and reward scoring, evaluation).
+of its weight, and its forward uses the copy under `torch.no_grad()` / `inference_mode()`
+(generation, reference and reward scoring, evaluation).
 Anything else (a pass with autograd on, another device or dtype) runs `F.linear` as before, so
 training is bitwise what it was without packing. Costs one more copy of those weights in memory (the
 oneDNN tensors are not parameters: they are not saved, moved or counted). A weight changed in place
@@ -23,6 +23,7 @@ summation order (fp32: ~1e-6 relative).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -49,6 +50,7 @@ def _(x, weight, bias, packed, version, ptr):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@functools.cache
 def available() -> bool:
     """True when this torch build has oneDNN (mkldnn) and its packed linear works here."""
     if not torch.backends.mkldnn.is_available():
@@ -80,7 +82,8 @@ class _Pack:
 
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return type(m) in PLAIN_LINEARS and w is not None and w.device.type == "cpu" and w.dtype in PACK_DTYPES
+    return (type(m) in PLAIN_LINEARS and w is not None and w.device.type == "cpu" and w.dtype in PACK_DTYPES
+            and not w.is_inference())  # inference tensors keep no version counter to detect changes by
 
 
 class PackedLinear(nn.Linear):
@@ -90,11 +93,14 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype or w.device.type != "cpu" or w.dtype not in PACK_DTYPES:
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype or w.device.type != "cpu"
+                or w.dtype not in PACK_DTYPES or w.is_inference()):
             return F.linear(x, w, b)
         if not torch.compiler.is_compiling():
             self.refresh()  # in a compiled region the op itself falls back to F.linear if the copy is stale
-        p = self._pack
+        p = self.__dict__.get("_pack")
+        if p is None or p.packed is None:  # a copy first called inside a compiled region
+            return F.linear(x, w, b)
         return packed_linear(x, w, b, p.packed, p.version, p.ptr)
 
     def refresh(self) -> None:

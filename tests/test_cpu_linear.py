@@ -90,6 +90,15 @@ def test_state_dict_copies_pickles_and_unpack_keep_the_layer():
     assert pack_linears(m) == 2 and pack_linears(m) == 2  # idempotent
 
 
+def test_inference_tensor_weights_are_left_unpacked():
+    # weights made under inference_mode keep no version counter, so a change could not be detected
+    with torch.inference_mode():
+        m = mlp()
+        x = torch.randn(3, 32)
+        assert pack_linears(m) == 0 and type(m[0]) is nn.Linear
+        assert torch.allclose(m(x), plain(m, x))
+
+
 def _roundtrip(m):
     buf = io.BytesIO()
     torch.save(m, buf)
