@@ -80,10 +80,14 @@ class _Pack:
         return (_Pack, ())
 
 
+def _packable_weight(w: torch.Tensor) -> bool:
+    # inference tensors keep no version counter to detect changes by
+    return w.device.type == "cpu" and w.dtype in PACK_DTYPES and not w.is_inference()
+
+
 def _packable(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return (type(m) in PLAIN_LINEARS and w is not None and w.device.type == "cpu" and w.dtype in PACK_DTYPES
-            and not w.is_inference())  # inference tensors keep no version counter to detect changes by
+    return type(m) in PLAIN_LINEARS and w is not None and _packable_weight(w)
 
 
 class PackedLinear(nn.Linear):
@@ -93,8 +97,7 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype or w.device.type != "cpu"
-                or w.dtype not in PACK_DTYPES or w.is_inference()):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype or not _packable_weight(w):
             return F.linear(x, w, b)
         if not torch.compiler.is_compiling():
             self.refresh()  # in a compiled region the op itself falls back to F.linear if the copy is stale

@@ -106,3 +106,21 @@ def torchrun(script, args, nproc=2, timeout=600):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
+
+
+def lora_generation_model(n_kv: int = 2):
+    """A tiny minitune model (n_kv kv heads, vocabulary 96) with a LoRA adapter on every linear
+    layer, B nonzero so the adapter changes what is generated."""
+    from minitune import build_model
+    from minitune.lora import LoRAConfig, LoRALinear, apply_lora
+    from minitune.model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128)
+    m = build_model(cfg, seed=0).eval()
+    apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for layer in m.modules():
+            if isinstance(layer, LoRALinear):
+                layer.adapters["default"].lora_B.normal_(0, 0.2)
+    return m

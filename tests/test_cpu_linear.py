@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitune import build_model, generate
+from helpers import lora_generation_model
+from minitune import generate
 from minitune.cpu_linear import PackedLinear, available, is_plain_linear, pack_linears, packed_bytes, unpack_linears
 from minitune.generate import left_pad
-from minitune.model import ModelConfig
 
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no working oneDNN packed linear")
 
@@ -117,24 +117,10 @@ def test_the_fused_loss_and_quantization_still_see_a_plain_linear():
     assert is_quantized_linear(q[0]) and is_quantized_linear(q[2])
 
 
-def lora_model():
-    from minitune.lora import LoRAConfig, LoRALinear, apply_lora
-
-    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    m = build_model(cfg, seed=0).eval()
-    apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for layer in m.modules():
-            if isinstance(layer, LoRALinear):
-                layer.adapters["default"].lora_B.normal_(0, 0.2)
-    return m
-
-
 def test_generation_with_packed_weights_equals_unpacked_with_lora_on_and_off_eager_and_compiled():
     from minitune.lora import disable_adapters
 
-    m = lora_model()
+    m = lora_generation_model()
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
     common = dict(max_new_tokens=12, pad_id=0, num_samples=2, temperature=0.9, top_k=30)
     ref = {on: None for on in (True, False)}

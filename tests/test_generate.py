@@ -1,6 +1,7 @@
 """KV-cache generation: equals recomputation, handles left padding, stops per row, sane log-probs."""
 import torch
 
+from helpers import lora_generation_model
 from minitune import build_model, generate
 from minitune.generate import filter_logits, left_pad, positions_from_mask
 from minitune.model import ModelConfig
@@ -89,21 +90,6 @@ def _eos_rows_finish_apart(m, ids, mask):
     return int(free.tokens[0, 2])
 
 
-def lora_model(n_kv: int):
-    """A tiny model (n_kv kv heads) with a LoRA adapter on every linear layer, B nonzero."""
-    from minitune.lora import LoRAConfig, LoRALinear, apply_lora
-
-    cfg = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=n_kv, max_position_embeddings=128)
-    m = build_model(cfg, seed=0).eval()
-    apply_lora(m, LoRAConfig(r=4, target_modules="all-linear"))
-    with torch.no_grad():
-        for layer in m.modules():
-            if isinstance(layer, LoRALinear):
-                layer.adapters["default"].lora_B.normal_(0, 0.2)
-    return m
-
-
 def test_static_decode_equals_recompute_in_every_setting():
     # greedy and sampled, left padding, GQA and plain multi-head, rows ending at different steps
     # (past a CHECK_DONE_EVERY boundary), several samples per prompt, with a LoRA adapter active,
@@ -111,7 +97,7 @@ def test_static_decode_equals_recompute_in_every_setting():
     from minitune.lora import disable_adapters
 
     for n_kv in (2, 4):
-        m = lora_model(n_kv)
+        m = lora_generation_model(n_kv)
         ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
         eos = _eos_rows_finish_apart(m, ids, mask)
         for adapters_on in (True, False):
@@ -175,7 +161,7 @@ def test_compiled_decode_equals_eager_with_lora_on_and_off():
     # reuse a stale graph or cache
     from minitune.lora import disable_adapters
 
-    m = lora_model(2)
+    m = lora_generation_model(2)
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
     eos = _eos_rows_finish_apart(m, ids, mask)
     for adapters_on, samples in ((True, 1), (True, 3), (False, 1)):
@@ -193,7 +179,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_token(monkeypatch):
     # drop_finished: once a quarter of the rows in the batch have finished, they leave it (cache rows
     # too). Each row's sampling noise is drawn for the whole batch every step, so tokens, log-probs,
     # masks and EOS flags equal those of the run that keeps every row to the end, greedy and sampled.
-    m = lora_model(2)
+    m = lora_generation_model(2)
     ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3], [40, 41, 42], [7, 7]], pad_id=0)
     free = generate(m, ids, mask, max_new_tokens=30, pad_id=0)
     eos = sorted({int(t) for t in free.tokens[:, 2:12:3].flatten()})[:4]  # rows finish over several checks
