@@ -23,6 +23,7 @@ PANELS = [
     ("training loss", lambda k: k in ("loss", "pg_loss", "vf_loss")),
     ("held-out loss", lambda k: k == "eval_loss"),
     ("accuracy / exact match", lambda k: k in ("accuracy", "eval_accuracy") or k.startswith("eval_exact_match")),
+    ("held-out prompts gained / lost since step 0", lambda k: k in ("eval_gained", "eval_lost")),
     ("reward", lambda k: k in ("score_mean", "eval_reward_mean", "rewards_chosen", "rewards_rejected", "margin",
                                "eval_margin", "eval_score_mean", "advantage_mean")),
     ("KL to the reference (nats)", lambda k: k in ("kl", "eval_kl", "approx_kl")),

@@ -87,6 +87,14 @@ def held_out_kl(policy, reference, tok, prompts: list[str], **kw) -> dict[str, f
     return {"kl": full.mean().item(), "kl_sampled": sampled.mean().item(), "kl_length": length.mean().item()}
 
 
+def flips(before: list[bool], after: list[bool]) -> dict[str, float]:
+    """{"gained": prompts wrong before and right after, "lost": right before and wrong after}. The net change
+    is their difference; both together say how much of it is churn (an update that flips borderline
+    prompts both ways) rather than a rule learnt."""
+    return {"gained": float(sum(not b and a for b, a in zip(before, after))),
+            "lost": float(sum(b and not a for b, a in zip(before, after)))}
+
+
 class HeldOutEval:
     """Called with a step number: evaluates, logs `eval_*` metrics, prints one line, keeps the report.
     `cfg.held_out` (a HeldOutSection) sets the prompts, the answer budget and the KL measurement;
@@ -100,6 +108,7 @@ class HeldOutEval:
         self.synthetic = d.source == "synthetic"
         self.max_new_tokens = h.max_new_tokens
         self.reports: dict[int, dict[str, float]] = {}
+        self.first_correct: list[bool] | None = None  # exact match: each prompt's at step 0, for `flips`
         self.samples = out_dir / "eval_samples"
         n = h.prompts
         self.reference, self.kl_prompts = reference, min(h.kl_prompts, n)
@@ -115,6 +124,15 @@ class HeldOutEval:
                            system=None, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                            device=device)
 
+    def _saved_first(self) -> list[bool] | None:
+        """The step-0 answers' correctness a resumed run wrote before it stopped, if any."""
+        path = self.samples / "step_0.jsonl"
+        if not path.exists():
+            return None
+        with open(path) as f:
+            self.first_correct = [bool(json.loads(line)["correct"]) for line in f if line.strip()]
+        return self.first_correct
+
     def __bool__(self) -> bool:
         return self.size > 0
 
@@ -123,6 +141,13 @@ class HeldOutEval:
             report, rows = exact_match_report(self.policy, self.tok, self.examples, max_new_tokens=self.max_new_tokens,
                                               device=self.device)
             line = f"greedy exact-match {format_report(report)}"
+            correct = [bool(r["correct"]) for r in rows]
+            if step == 0:
+                self.first_correct = correct
+            first = self.first_correct or self._saved_first()
+            if step > 0 and first is not None and len(first) == len(correct):
+                report |= flips(first, correct)
+                line += f" ({report['gained']:.0f} prompts gained, {report['lost']:.0f} lost since step 0)"
         else:
             report, rows = held_out_scores(self.policy, self.tok, self.prompts, self.refs, **self.kw)
             line = (f"greedy answers' score {report['score_mean']:.3f} (std {report['score_std']:.3f}), "
@@ -167,7 +192,9 @@ class HeldOutEval:
             return None
         key = "exact_match" if self.synthetic else "score_mean"
         line = f"held-out {key.replace('_', ' ')} {s['eval_before'][key]:.3f} -> {s['eval_after'][key]:.3f}"
+        if "gained" in s["eval_after"]:
+            line += f" ({s['eval_after']['gained']:.0f} prompts gained, {s['eval_after']['lost']:.0f} lost)"
         return line + (f" ({s['eval_gain_sigma']:+.2f} std of the first)" if "eval_gain_sigma" in s else "")
 
 
-__all__ = ["HeldOutEval", "answer_kls", "held_out_kl", "held_out_scores"]
+__all__ = ["HeldOutEval", "answer_kls", "flips", "held_out_kl", "held_out_scores"]

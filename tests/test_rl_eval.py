@@ -240,3 +240,44 @@ def test_held_out_kl_agrees_with_the_sampled_log_ratio_on_average(toy_folder):
     se = (full.var() / len(full) + sampled.var() / len(sampled)).sqrt().item()
     assert abs(full.mean().item() - sampled.mean().item()) < 4 * se, (full.mean(), sampled.mean(), se)
     assert full.var() < sampled.var() and full.mean() > 0.05
+
+
+def test_held_out_counts_prompts_gained_and_lost_since_step_0(tmp_path, monkeypatch, capsys):
+    # exact match: each later evaluation logs how many prompts flipped each way since step 0, also after a
+    # resume (from the step-0 answers on disk), and the closing line reports them
+    import minitune.rl_eval as rl_eval
+    from minitune.train.metrics import MetricsLogger
+    from minitune.train.sections import WandbSection
+
+    script = {0: [True, False, True, False], 5: [False, True, True, True], 10: [True, True, False, False]}
+    state = {"step": 0}
+
+    def fake_report(policy, tok, examples, **kw):
+        rows = [{"prompt": ex["prompt"], "answer": "", "reference": ex["answer"], "family": ex["family"],
+                 "correct": ok} for ex, ok in zip(examples, script[state["step"]])]
+        return {"exact_match": sum(script[state["step"]]) / 4}, rows
+
+    monkeypatch.setattr(rl_eval, "exact_match_report", fake_report)
+    cfg = parse_cli(load_recipe("grpo").GRPOConfig, ["held_out.prompts=4"])
+    log = MetricsLogger(tmp_path, WandbSection(), {})
+
+    def evaluator():
+        return rl_eval.HeldOutEval(None, None, None, cfg, reward_head=None, reward_fn=None, out_dir=tmp_path, log=log,
+                                   is_main=True, device="cpu")
+
+    ev = evaluator()
+    for step in (0, 5):
+        state["step"] = step
+        report = ev(step)
+    assert "gained" not in ev.reports[0]
+    assert (report["gained"], report["lost"]) == (2, 1)  # F->T twice, T->F once
+    assert rl_eval.flips(script[0], script[5]) == {"gained": 2.0, "lost": 1.0}
+    assert "2 prompts gained, 1 lost since step 0" in capsys.readouterr().out
+    resumed = evaluator()  # a resumed run has no step-0 report in memory: it reads step_0.jsonl
+    state["step"] = 10
+    assert (resumed(10)["gained"], resumed.reports[10]["lost"]) == (1, 1)
+    ev.reports[10] = resumed.reports[10]
+    assert ev.describe() == "held-out exact match 0.500 -> 0.500 (1 prompts gained, 1 lost)"
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [(r["step"], r.get("eval_gained"), r.get("eval_lost")) for r in logged] == [(0, None, None), (5, 2, 1),
+                                                                                      (10, 1, 1)]
