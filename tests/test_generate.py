@@ -229,3 +229,40 @@ def test_greedy_rows_decode_greedily_inside_a_sampled_batch():
         full = m(mixed.sequences, positions_from_mask(am), am).logits[:, ids.shape[1] - 1: -1].float() / 0.9
     want = torch.log_softmax(full, -1).gather(-1, mixed.tokens[..., None])[..., 0] * mixed.mask
     assert torch.allclose(mixed.logprobs[flags], want[flags], atol=1e-4)
+
+
+def test_grouped_decode_attention_equals_sdpa():
+    # the reduced-precision CPU decode step's attention: query heads stacked per kv head, two matmuls.
+    # fp32: SDPA's result to rounding; bf16/fp16: no further from the fp32 result than SDPA's own
+    import torch.nn.functional as F
+
+    from minitune.model import grouped_decode_attention
+
+    torch.manual_seed(0)
+    for B, H, KV, S in ((3, 4, 2, 20), (5, 9, 3, 77), (2, 4, 4, 33)):
+        q, k, v = torch.randn(B, H, 1, 16), torch.randn(B, KV, S, 16), torch.randn(B, KV, S, 16)
+        mask = torch.rand(B, 1, 1, S) > 0.4
+        mask[..., 3] = True
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=KV != H)
+        assert torch.allclose(grouped_decode_attention(q, k, v, mask), ref, atol=2e-6)
+        for dt in (torch.bfloat16, torch.float16):
+            low = [t.to(dt) for t in (q, k, v)]
+            got = grouped_decode_attention(*low, mask)
+            assert got.dtype == dt
+            sdpa_err = (F.scaled_dot_product_attention(*low, attn_mask=mask, enable_gqa=KV != H).float() - ref).abs().max()
+            assert (got.float() - ref).abs().max() <= 2 * sdpa_err + 1e-3, (dt, B, H, KV, S)
+
+
+def test_bf16_static_decode_tracks_recompute():
+    # a bf16 model on CPU decodes through grouped_decode_attention; its greedy log-probs stay within bf16
+    # rounding of one forward pass over the whole sequence (plain SDPA)
+    for n_kv in (2, 4):
+        m = lora_generation_model(n_kv).to(torch.bfloat16)
+        ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
+        with torch.no_grad():
+            a = generate(m, ids, mask, max_new_tokens=8, pad_id=0)
+            full = m(a.sequences, positions_from_mask(torch.cat([mask, torch.ones_like(a.tokens)], 1)),
+                     torch.cat([mask, torch.ones_like(a.tokens)], 1)).logits.float()
+        P = ids.shape[1]
+        lp = torch.log_softmax(full[:, P - 1:-1], -1).gather(-1, a.tokens[:, :, None])[..., 0]
+        assert torch.allclose(a.logprobs, lp, atol=0.05), (a.logprobs - lp).abs().max()
