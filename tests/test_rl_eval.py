@@ -281,3 +281,48 @@ def test_held_out_counts_prompts_gained_and_lost_since_step_0(tmp_path, monkeypa
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [(r["step"], r.get("eval_gained"), r.get("eval_lost")) for r in logged] == [(0, None, None), (5, 2, 1),
                                                                                       (10, 1, 1)]
+
+
+def test_evaluate_recipe_reproduces_the_training_runs_held_out_checks(toy_folder, tmp_path, monkeypatch):
+    # recipes/evaluate.py on the base ("none") and on a GRPO run's adapter gives exactly that run's step-0 and final
+    # held-out reports, and compares the second with the first prompt by prompt
+    folder, prompts = toy_folder
+    data = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+            "reward.function=helpers:share_of_letter_a", "data.holdout=6", "held_out.prompts=5",
+            "held_out.max_new_tokens=6", "gen.min_new_tokens=6", "gen.max_new_tokens=6"]
+    grpo = load_recipe("grpo")
+    run = grpo.train(parse_cli(grpo.GRPOConfig, data + [
+        "grpo.rollout_batch=8", "grpo.group_size=4", "run.save_every=0", "init_adapter=", "optim.lr=1e-2",
+        "run.max_steps=2", "run.eval_every=0", f"run.output_dir={tmp_path / 'grpo'}"]))
+    ev = load_recipe("evaluate")
+    out = ev.evaluate(parse_cli(ev.EvalConfig, data + [f"adapters=none,{tmp_path / 'grpo' / 'adapter'}",
+                                                       f"run.output_dir={tmp_path / 'ev'}"]))
+    base, trained = "0_base", "1_grpo"
+    assert list(out["reports"]) == [base, trained]
+    assert out["reports"][base] == pytest.approx(run["eval_before"])
+    assert out["reports"][trained] == pytest.approx(run["eval_after"])
+    assert out["reports"][trained] != out["reports"][base]  # the run moved its answers
+    rows = {n: [json.loads(x) for x in (tmp_path / "ev" / n / "eval_samples" / "step_0.jsonl").open()] for n in out["reports"]}
+    assert [r["response"] for r in rows[trained]] == \
+        [json.loads(x)["response"] for x in (tmp_path / "grpo" / "eval_samples" / "step_2.jsonl").open()]
+    c = out["comparisons"][trained]
+    assert c["improved"] == sum(b["score"] > a["score"] for a, b in zip(rows[base], rows[trained]))
+    assert c["worsened"] == sum(b["score"] < a["score"] for a, b in zip(rows[base], rows[trained]))
+    assert c["score_change"] == pytest.approx(run["eval_after"]["score_mean"] - run["eval_before"]["score_mean"])
+    logged = [json.loads(x) for x in (tmp_path / "ev" / "metrics.jsonl").open()]
+    assert [r["adapter"] for r in logged] == [base, trained]
+    # --like the run's folder: its prompts and scoring, its start (none) and its adapter, without restating them
+    cfg = ev.parse(["--like", str(tmp_path / "grpo"), f"run.output_dir={tmp_path / 'like'}"])
+    assert cfg.adapters == ["none", str(tmp_path / "grpo" / "adapter")] and cfg.data.holdout == 6
+    assert ev.evaluate(cfg)["reports"] == out["reports"]
+    assert ev.parse(["--like", str(tmp_path / "grpo"), "adapters=none", "held_out.prompts=2"]).adapters == ["none"]
+    with pytest.raises(Exception, match="neither a run folder with a config.yaml nor a config file"):
+        ev.parse(["--like", str(tmp_path / "nowhere")])
+    assert ev.main(["--like"]) == 2 and ev.main(["adapters=", f"run.output_dir={tmp_path / 'x'}"]) == 2
+    # bad input, before any model loads
+    monkeypatch.chdir(tmp_path)  # no SFT default here
+    with pytest.raises(Exception, match="'auto' is the SFT default's adapter"):
+        ev.evaluate(parse_cli(ev.EvalConfig, data + ["adapters=auto", f"run.output_dir={tmp_path / 'x'}"]))
+    with pytest.raises(Exception, match="no adapter_config.json"):
+        ev.evaluate(parse_cli(ev.EvalConfig, data + [f"adapters={tmp_path}", f"run.output_dir={tmp_path / 'x'}"]))
+    assert not (tmp_path / "x").exists()

@@ -147,9 +147,12 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Defaults of `cls`, then the YAML file, then the dotted overrides."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> T:
+    """Defaults of `cls`, then `base` (a mapping of its fields), then the YAML file, then the dotted overrides."""
     data = to_dict(cls())
+    if base:
+        _check_keys(cls, base)
+        data = _merge(data, base)
     if path is not None:
         p = Path(path)
         if not p.exists():
