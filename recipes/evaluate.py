@@ -6,7 +6,7 @@
     python recipes/evaluate.py --like outputs/grpo_bf16 model.dtype=float32   # a bf16 run re-scored in fp32
     python recipes/evaluate.py --like recipes/configs/ppo_hh_rlhf.yaml adapters=none,outputs/ppo_hh/adapter
 
-Each adapter (a PEFT folder; "auto": the SFT default's; "none" or "": the bare base) answers the same held-out
+Each adapter (a PEFT folder; "auto": the SFT default's, the base until there is one; "none": the base) answers the same held-out
 prompts greedily, exactly as PPO and GRPO evaluate during training (`minitune.rl_eval.HeldOutEval`):
 exact match per family on the synthetic task, elsewhere the reward's score (the reward adapter or
 function). Every adapter after the first is compared with the first: prompts gained and lost (exact
@@ -65,10 +65,9 @@ def label(i: int, path) -> str:
 def evaluate(cfg: EvalConfig) -> dict:
     # 1. Every adapter checked before the model loads; the prompts split as the recipes split them.
     paths = [None if a in ("", "none") else resolve_init_adapter(a, cfg.model.path) for a in cfg.adapters]
-    for a, p in zip(cfg.adapters, paths):
-        if a == "auto" and p is None:
-            raise MinituneError("adapters: 'auto' is the SFT default's adapter (outputs/lora_sft/adapter), which does "
-                                "not exist yet: run `python recipes/lora_sft.py` first, or name a folder ('none' = the base)")
+    if any(a == "auto" and p is None for a, p in zip(cfg.adapters, paths)):
+        print("note: adapters 'auto' is the SFT default's adapter (outputs/lora_sft/adapter), which does not exist yet "
+              "(run `python recipes/lora_sft.py`): evaluating the bare base in its place")
     reward_fn = None if cfg.reward.adapter else resolve_reward_fn(cfg.reward.function)
     if cfg.reward.adapter:
         check_reward_adapter(cfg.data, cfg.reward.adapter)

@@ -320,9 +320,9 @@ def test_evaluate_recipe_reproduces_the_training_runs_held_out_checks(toy_folder
         ev.parse(["--like", str(tmp_path / "nowhere")])
     assert ev.main(["--like"]) == 2 and ev.main(["adapters=", f"run.output_dir={tmp_path / 'x'}"]) == 2
     # bad input, before any model loads
-    monkeypatch.chdir(tmp_path)  # no SFT default here
-    with pytest.raises(Exception, match="'auto' is the SFT default's adapter"):
-        ev.evaluate(parse_cli(ev.EvalConfig, data + ["adapters=auto", f"run.output_dir={tmp_path / 'x'}"]))
+    monkeypatch.chdir(tmp_path)  # no SFT default here: "auto" is the base, as in the RL recipes
+    auto = ev.evaluate(parse_cli(ev.EvalConfig, data + ["adapters=auto", f"run.output_dir={tmp_path / 'auto'}"]))
+    assert auto["reports"] == {base: out["reports"][base]}
     with pytest.raises(Exception, match="no adapter_config.json"):
         ev.evaluate(parse_cli(ev.EvalConfig, data + [f"adapters={tmp_path}", f"run.output_dir={tmp_path / 'x'}"]))
     assert not (tmp_path / "x").exists()
