@@ -19,6 +19,7 @@ and its result); the overrides after it change any of that. Answers go to
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,11 @@ class EvalConfig:
         require(self.held_out.prompts >= 1, "held_out.prompts", self.held_out.prompts, "must be >= 1 to evaluate")
 
 
-def label(i: int, path) -> str:
-    return f"{i}_{path.parent.name if path is not None and path.name == 'adapter' else (path.name if path else 'base')}"
+def label(i: int, path: Path | None) -> str:
+    """The adapter's name on the model and its output folder: its place, then its run folder's name (a recipe's
+    <output_dir>/adapter) or its own, reduced to letters, digits and _ (module names take no dots)."""
+    name = "base" if path is None else (path.parent.name if path.name == "adapter" else path.name)
+    return f"{i}_" + re.sub(r"\W", "_", name)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
