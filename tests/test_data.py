@@ -12,6 +12,7 @@ from minitune.data.preference import PairStats, PreferencePair, hh_chat_pair, hh
 from minitune.data.prompts import encode_prompts
 from minitune.data.synthetic import (correctness_reward, is_correct, make_task, near_miss_answer, normalize,
                                      order_credit, partial_credit_reward, train_eval_split, wrong_answer)
+from minitune.data.synthetic import digit_credit, graded_reward
 from minitune.model import ModelConfig
 from conftest import HH_PATH, SELF_INSTRUCT_PATH
 
@@ -332,3 +333,21 @@ def test_held_out_rows_come_from_eval_source_when_given(tmp_path, demo_tok):
     assert len(pairs) == 20 and [p.prompt for p in evals] == [f"t{i}" for i in range(5)]
     with pytest.raises(MinituneError, match="does not exist"):
         train_and_eval_rows(str(train), cols, eval_source=str(tmp_path / "missing.jsonl"))
+
+
+def test_digit_credit_and_graded_reward():
+    # digits compared place by place from the units, over the longer number; graded_reward: exact 1, else half
+    # the list's order credit or the number's digit credit
+    assert digit_credit("1451", "1461") == 0.75 and digit_credit(" 1461.", "1461") == 1.0
+    assert digit_credit("500", "600") == pytest.approx(2 / 3)
+    assert digit_credit("461", "1461") == 0.75  # a dropped leading digit costs one place
+    assert digit_credit("11461", "1461") == pytest.approx(4 / 5)
+    assert digit_credit("14.61", "1461") == 0.0 and digit_credit("", "1461") == 0.0 and digit_credit("x", "x") == 1.0
+    got = graded_reward(["1461", "1451", "9, 37, 38, 54", "37, 38, 54, 9", "I cannot"],
+                        ["1461", "1461", "9, 37, 38, 54", "9, 37, 38, 54", "1461"])
+    assert got == pytest.approx([1.0, 0.375, 1.0, 0.5 * order_credit("37, 38, 54, 9", "9, 37, 38, 54"), 0.0])
+    rng = random.Random(0)
+    for ex in make_task(200):  # exact answers stay on top of every near miss
+        miss = near_miss_answer(ex, rng)
+        right, near = graded_reward([ex["answer"], miss], [ex["answer"]] * 2)
+        assert right == 1.0 and 0.0 <= near < 0.5

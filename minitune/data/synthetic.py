@@ -145,6 +145,25 @@ def partial_credit_reward(responses: list[str], references: list[str]) -> list[f
     return out
 
 
+def digit_credit(answer: str, reference: str) -> float:
+    """How much of a number answer is right, in [0, 1]: the share of digit places, aligned from the units,
+    where it has the reference's digit, over the longer of the two (a missing or extra digit costs). A sum
+    with one carry wrong ("1451" for "1461") earns 3/4; anything that is not a whole number, 0."""
+    ans, ref = normalize(answer), normalize(reference)
+    if not (ans.isdigit() and ref.isdigit()):
+        return float(ans == ref)
+    return sum(a == b for a, b in zip(reversed(ans), reversed(ref))) / max(len(ans), len(ref))
+
+
+def graded_reward(responses: list[str], references: list[str]) -> list[float]:
+    """1.0 for an exactly correct answer; a wrong list answer earns half its `order_credit`, a wrong number
+    half its `digit_credit` (partial_credit_reward gives numbers 0): the add and convert prompts whose
+    samples are all wrong then still rank them, by the digits they get right.
+    Config: `reward.function: minitune.data.synthetic:graded_reward`."""
+    return [1.0 if is_correct(r, ref) else 0.5 * (order_credit(r, ref) if "," in ref else digit_credit(r, ref))
+            for r, ref in zip(responses, references)]
+
+
 def accuracy(answers: list[str], examples: list[dict]) -> float:
     return sum(is_correct(a, ex["answer"]) for a, ex in zip(answers, examples)) / max(len(examples), 1)
 
