@@ -136,7 +136,8 @@ class HeldOutEval:
     def __bool__(self) -> bool:
         return self.size > 0
 
-    def __call__(self, step: int) -> dict[str, float]:
+    def __call__(self, step: int, title: str | None = None) -> dict[str, float]:
+        """Evaluates at `step` (`title` names the evaluation in the printed line instead of the step)."""
         if self.synthetic:
             report, rows = exact_match_report(self.policy, self.tok, self.examples, max_new_tokens=self.max_new_tokens,
                                               device=self.device)
@@ -166,7 +167,7 @@ class HeldOutEval:
             self.samples.mkdir(parents=True, exist_ok=True)
             with open(self.samples / f"step_{step}.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
-            print(f"\nheld-out at step {step} ({self.size} prompts): {line}", flush=True)
+            print(f"\nheld-out {title or f'at step {step}'} ({self.size} prompts): {line}", flush=True)
             self.log.log(step, **{f"eval_{k}": v for k, v in report.items()})
         return report
 

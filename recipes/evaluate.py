@@ -99,9 +99,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         set_adapter(model, name)
         ev = HeldOutEval(model, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir / name,
                          log=_Silent(), is_main=info.is_main, device=device)
-        if info.is_main:
-            print(f"\n{name}:", end="")
-        reports[name] = ev(0)
+        reports[name] = ev(0, title=name)
         with open(out_dir / name / "eval_samples" / "step_0.jsonl") as f:
             rows[name] = [json.loads(line) for line in f]
     first = names[0]
