@@ -126,8 +126,8 @@ def toy_args(toy_folder, out, **extra):
             "run.save_every": 0, "grpo.rollout_batch": 32, "grpo.group_size": 4, "gen.min_new_tokens": 8,
             "gen.max_new_tokens": 8, "init_adapter": "", "reward.function": "helpers:share_of_letter_a", "lora.r": 8,
             "optim.lr": 1e-2, "run.max_steps": 30, "run.output_dir": out,
-            # as measured below (the embedded default since moved to Dr. GRPO with a KL term)
-            "grpo.beta": 0.0, "grpo.scale_advantages": "true", "grpo.micro_batch": 16}
+            # as measured below (the embedded default since moved to Dr. GRPO with a KL term and the greedy member)
+            "grpo.beta": 0.0, "grpo.scale_advantages": "true", "grpo.micro_batch": 16, "gen.greedy_member": "false"}
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -303,6 +303,7 @@ def test_greedy_member_puts_the_greedy_answer_first_in_every_group(toy_folder, t
     assert [with_greedy.responses[i * G] for i in range(len(firsts))] == greedy.responses
     others = [b for b in range(len(plain.responses)) if b % G]
     assert [with_greedy.responses[b] for b in others] == [plain.responses[b] for b in others]
+    assert [plain.responses[i * G] for i in range(len(firsts))] != greedy.responses  # without it: samples
 
 
 def test_guidance_teaches_a_reference_the_policy_never_samples(toy_folder, tmp_path):

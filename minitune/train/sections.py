@@ -214,10 +214,11 @@ class GenSection:
         require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "must be a list of non-empty strings")
 
     @classmethod
-    def synthetic(cls, temperature: float = 1.0) -> "GenSection":
+    def synthetic(cls, temperature: float = 1.0, greedy_member: bool = False) -> "GenSection":
         """Sampling for the synthetic task: 32 new tokens (every answer fits with its EOS; sort and
         reverse need up to 23, and a correct answer cut off would be scored wrong), prompts <= 96."""
-        return cls(min_new_tokens=32, max_new_tokens=32, temperature=temperature, max_prompt_length=96)
+        return cls(min_new_tokens=32, max_new_tokens=32, temperature=temperature, max_prompt_length=96,
+                   greedy_member=greedy_member)
 
     def greedy(self) -> "GenSection":
         """The same settings, decoded greedily to the full budget (the held-out checks)."""
