@@ -108,7 +108,7 @@ class HeldOutEval:
         self.synthetic = d.source == "synthetic"
         self.max_new_tokens = h.max_new_tokens
         self.reports: dict[int, dict[str, float]] = {}
-        self.first_correct: list[bool] | None = None  # exact match: each prompt's at step 0, for `flips`
+        self.rows: dict[int, list[dict]] = {}  # each evaluation's answers (also in eval_samples/step_N.jsonl)
         self.samples = out_dir / "eval_samples"
         n = h.prompts
         self.reference, self.kl_prompts = reference, min(h.kl_prompts, n)
@@ -124,14 +124,16 @@ class HeldOutEval:
                            system=None, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                            device=device)
 
-    def _saved_first(self) -> list[bool] | None:
-        """The step-0 answers' correctness a resumed run wrote before it stopped, if any."""
-        path = self.samples / "step_0.jsonl"
-        if not path.exists():
-            return None
-        with open(path) as f:
-            self.first_correct = [bool(json.loads(line)["correct"]) for line in f if line.strip()]
-        return self.first_correct
+    def _first_correct(self) -> list[bool] | None:
+        """Each prompt's correctness at step 0 (exact match, for `flips`): this run's evaluation, else the
+        step-0 answers a resumed run wrote before it stopped; None without either."""
+        if 0 not in self.rows:
+            path = self.samples / "step_0.jsonl"
+            if not path.exists():
+                return None
+            with open(path) as f:
+                self.rows[0] = [json.loads(line) for line in f if line.strip()]
+        return [bool(r["correct"]) for r in self.rows[0]]
 
     def __bool__(self) -> bool:
         return self.size > 0
@@ -143,10 +145,8 @@ class HeldOutEval:
                                               device=self.device)
             line = f"greedy exact-match {format_report(report)}"
             correct = [bool(r["correct"]) for r in rows]
-            if step == 0:
-                self.first_correct = correct
-            first = self.first_correct or self._saved_first()
-            if step > 0 and first is not None and len(first) == len(correct):
+            first = self._first_correct() if step > 0 else None
+            if first is not None and len(first) == len(correct):
                 report |= flips(first, correct)
                 line += f" ({report['gained']:.0f} prompts gained, {report['lost']:.0f} lost since step 0)"
         else:
@@ -163,6 +163,7 @@ class HeldOutEval:
             line += (f"; KL to the reference {kl['kl']:.2f} nats per sampled answer ({len(prompts)} prompts, "
                      f"{kl['kl_length']:.1f} tokens)")
         self.reports[step] = report
+        self.rows[step] = rows
         if self.is_main:
             self.samples.mkdir(parents=True, exist_ok=True)
             with open(self.samples / f"step_{step}.jsonl", "w") as f:

@@ -18,7 +18,6 @@ and its result); the overrides after it change any of that. Answers go to
 """
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval, flips
 from minitune.rollout import check_reward_adapter, load_prompts, resolve_reward_fn
 from minitune.train.cli import run_recipe
-from minitune.train.config import load_config
+from minitune.train.config import parse_cli
 from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, RewardSource, RunSection,
                                      WandbSection)
 from minitune.train.setup import build_base, finish_model, finish_run, resolve_init_adapter, start_run
@@ -100,8 +99,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         ev = HeldOutEval(model, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir / name,
                          log=_Silent(), is_main=info.is_main, device=device)
         reports[name] = ev(0, title=name)
-        with open(out_dir / name / "eval_samples" / "step_0.jsonl") as f:
-            rows[name] = [json.loads(line) for line in f]
+        rows[name] = ev.rows[0]
     first = names[0]
     comparisons = {}
     for name in names[1:]:
@@ -164,30 +162,17 @@ def like_run(source: str) -> dict:
 
 def parse(argv: list[str]) -> EvalConfig:
     """`[--like RUN_DIR_OR_CONFIG] [--config FILE] [key=value ...]`: --like's sections first, then the
-    evaluate config file, then the overrides."""
-    base = None
+    evaluate config file, then the overrides (`parse_cli`)."""
+    argv, base = list(argv), None
     if argv and argv[0] == "--like":
         if len(argv) < 2:
             raise MinituneError("--like needs a run folder or a config file")
         base, argv = like_run(argv[1]), argv[2:]
-    path = None
-    if argv and argv[0] in ("--config", "-c"):
-        if len(argv) < 2:
-            raise MinituneError("--config needs a file path")
-        path, argv = argv[1], argv[2:]
-    for a in argv:
-        if a.startswith("-"):
-            raise MinituneError(f"unknown argument {a!r}; usage: [--like RUN_DIR] [--config FILE] [section.key=value ...]")
-    return load_config(EvalConfig, path, argv, base=base)
+    return parse_cli(EvalConfig, argv, base=base)
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse(list(sys.argv[1:] if argv is None else argv))
-    except MinituneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run_recipe(EvalConfig, lambda _: evaluate(cfg), [])
+    return run_recipe(EvalConfig, evaluate, argv, parse=parse)
 
 
 if __name__ == "__main__":

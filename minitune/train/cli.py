@@ -9,10 +9,12 @@ from minitune.train.config import parse_cli
 from minitune.train.sections import RunSection
 
 
-def run_recipe(config_cls, train: Callable, argv=None) -> int:
-    """Parses `[--config FILE] [key=value ...]`, trains, and turns a MinituneError into one line and exit code 2."""
+def run_recipe(config_cls, train: Callable, argv=None, parse: Callable | None = None) -> int:
+    """Parses `[--config FILE] [key=value ...]` (or the argument list with `parse`, which returns a config_cls),
+    trains, and turns a MinituneError into one line and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        train(parse_cli(config_cls, sys.argv[1:] if argv is None else argv))
+        train(parse(argv) if parse is not None else parse_cli(config_cls, argv))
     except MinituneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

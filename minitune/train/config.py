@@ -196,8 +196,8 @@ def dump_config(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def parse_cli(cls: type[T], argv: list[str]) -> T:
-    """`[--config FILE] [section.key=value ...]`."""
+def parse_cli(cls: type[T], argv: list[str], base: dict | None = None) -> T:
+    """`[--config FILE] [section.key=value ...]`; `base` (fields of `cls`) comes before the file (`load_config`)."""
     path, rest = None, list(argv)
     if rest and rest[0] in ("--config", "-c"):
         if len(rest) < 2:
@@ -208,4 +208,4 @@ def parse_cli(cls: type[T], argv: list[str]) -> T:
     for r in rest:
         if r.startswith("-"):
             raise MinituneError(f"unknown argument {r!r}; usage: [--config FILE] [section.key=value ...]")
-    return load_config(cls, path, rest)
+    return load_config(cls, path, rest, base=base)
