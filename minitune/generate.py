@@ -62,8 +62,10 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p:
 
     temperature 0 is greedy. Sampling draws token j with probability p_j (after the top-k/top-p
     cut) as argmax_j p_j / E_j with E_j = -log(u_j) exponential (the "exponential race"), u from
-    `uniform` [B, V] when given, else drawn from `generator`: a row's token then depends only on its
-    own noise, not on which other rows are in the batch. The log-prob is taken under
+    `uniform` [B, V] when given (overwritten: the race runs in place on it), else drawn from `generator`:
+    a row's token then depends only on its own noise, not on which other rows are in the batch. The
+    race's passes over [B, V] run in place on tensors made here (fresh [B, V] tensors cost page faults
+    on every step; the values are bitwise those of the out-of-place expression). The log-prob is taken under
     softmax(logits / temperature) before the top-k/top-p cut, so that it equals what a later
     forward pass with the same temperature gives. `greedy` [B] bool: those rows take the most likely
     token instead (their log-prob as above), the others are sampled as without it.
@@ -75,7 +77,7 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_k: int, top_p:
     probs = filter_logits(scaled, top_k, top_p).softmax(-1)
     if uniform is None:
         uniform = torch.rand(probs.shape, generator=generator, device=probs.device)
-    tok = (probs / -uniform.clamp(min=1e-38).log()).argmax(-1)
+    tok = probs.div_(uniform.clamp_(min=1e-38).log_().neg_()).argmax(-1)  # p_j / E_j, E_j = -log(u_j)
     if greedy is not None:
         tok = torch.where(greedy, logits.argmax(-1), tok)
     return tok, F.log_softmax(scaled, -1).gather(-1, tok[:, None])[:, 0]
@@ -189,10 +191,12 @@ def generate(
         rows = torch.arange(B, device=dev)  # the output row of each row still in the batch
         live_done = torch.zeros(B, dtype=torch.bool, device=dev)  # of the rows still in the batch
         live_keys = key_mask if use_cache else None
+        noise_buf = torch.empty((B, logits.shape[-1]), device=dev) if temperature > 0 else None
         for n in range(max_new_tokens):
             noise = None
             if temperature > 0:  # drawn for every output row, so a row's token does not depend on the others
-                noise = torch.rand((B, logits.shape[-1]), generator=generator, device=dev)[rows]
+                noise_buf.uniform_(generator=generator)  # the values of torch.rand((B, V)), without a fresh [B, V]
+                noise = noise_buf if len(rows) == B else noise_buf[rows]
             tok, lp = sample_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=noise,
                                    greedy=None if greedy_rows is None else greedy_rows[rows])
             tok = torch.where(live_done, torch.full_like(tok, pad_id), tok)

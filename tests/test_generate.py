@@ -209,6 +209,31 @@ def test_sampling_draws_each_token_with_its_probability():
     assert (freq - p).abs().max().item() < 0.01, freq
 
 
+def test_sampled_tokens_follow_the_documented_noise_stream():
+    # what makes recorded runs repeat: each step draws torch.rand((B, V)) from the generator for every row
+    # and row b takes argmax_j softmax(logits_b / T)_j / -log(u_bj). A loop written from that sentence
+    # (full recompute each step) must give generate's tokens exactly; the in-place race changes no value
+    from minitune.generate import sample_token
+
+    m = model()
+    ids, mask = left_pad([[5, 6, 7, 8, 9], [10, 11], [3]], pad_id=0)
+    out = generate(m, ids, mask, max_new_tokens=8, pad_id=0, temperature=0.8, num_samples=2,
+                   generator=torch.Generator().manual_seed(11))
+    g = torch.Generator().manual_seed(11)
+    seq, am = ids.repeat_interleave(2, 0), mask.repeat_interleave(2, 0)
+    for _ in range(8):
+        with torch.no_grad():
+            logits = m(seq, positions_from_mask(am), am).logits[:, -1].float()
+        u = torch.rand(logits.shape, generator=g)
+        tok = (torch.softmax(logits / 0.8, -1) / -u.clamp(min=1e-38).log()).argmax(-1)
+        seq, am = torch.cat([seq, tok[:, None]], 1), torch.cat([am, torch.ones_like(am[:, :1])], 1)
+    assert torch.equal(out.tokens, seq[:, ids.shape[1]:])
+    logits, u = torch.randn(64, 96), torch.rand(64, 96)
+    want = (torch.softmax(logits / 0.7, -1) / -u.clamp(min=1e-38).log()).argmax(-1)
+    tok, _ = sample_token(logits, temperature=0.7, top_k=0, top_p=1.0, uniform=u.clone())
+    assert torch.equal(tok, want)
+
+
 def test_greedy_rows_decode_greedily_inside_a_sampled_batch():
     # greedy_rows: the flagged rows equal a greedy generation of their prompts, every other row equals
     # the sampled generation without the flag (each row's token depends only on its own noise)
