@@ -10,9 +10,9 @@ from minitune import MinituneError, build_model
 from minitune.data import Columns, ConstantLengthDataset, Document, Template, load_rows, make_formatter, tokenize_rows
 from minitune.data.preference import PairStats, PreferencePair, hh_chat_pair, hh_messages, parse_pairs, split_hh
 from minitune.data.prompts import encode_prompts
-from minitune.data.synthetic import (correctness_reward, is_correct, make_task, near_miss_answer, normalize,
-                                     order_credit, partial_credit_reward, train_eval_split, wrong_answer)
-from minitune.data.synthetic import digit_credit, graded_reward
+from minitune.data.synthetic import (correctness_reward, digit_credit, graded_reward, is_correct, make_task,
+                                     near_miss_answer, normalize, order_credit, partial_credit_reward,
+                                     train_eval_split, wrong_answer)
 from minitune.model import ModelConfig
 from conftest import HH_PATH, SELF_INSTRUCT_PATH
 

@@ -1,5 +1,6 @@
 """The RL recipes' prompt split, stop strings and held-out evaluation (minitune.rl_eval)."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -315,7 +316,6 @@ def test_evaluate_recipe_reproduces_the_training_runs_held_out_checks(toy_folder
     cfg = ev.parse(["--like", str(tmp_path / "grpo"), f"run.output_dir={tmp_path / 'like'}"])
     assert cfg.adapters == ["none", str(tmp_path / "grpo" / "adapter")] and cfg.data.holdout == 6
     assert ev.evaluate(cfg)["reports"] == out["reports"]
-    import shutil
     odd = shutil.copytree(tmp_path / "grpo" / "adapter", tmp_path / "lr1.5e-4 run")  # a folder name no module takes
     named = ev.evaluate(parse_cli(ev.EvalConfig, data + [f"adapters={odd}", f"run.output_dir={tmp_path / 'odd'}"]))
     assert named["reports"] == {"0_lr1_5e_4_run": out["reports"][trained]}

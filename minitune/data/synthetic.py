@@ -134,15 +134,14 @@ def partial_credit_reward(responses: list[str], references: list[str]) -> list[f
     is wrong, which is how the SFT adapter fails at sorting (one-digit numbers placed like text:
     "37, 38, 54, 9"); ordering credit rewards the samples that move such a number toward its place.
     Config: `reward.function: minitune.data.synthetic:partial_credit_reward`."""
-    out = []
-    for r, ref in zip(responses, references):
-        if is_correct(r, ref):
-            out.append(1.0)
-        elif "," in ref:
-            out.append(0.5 * order_credit(r, ref))
-        else:
-            out.append(0.0)
-    return out
+    return _half_credit(responses, references, number_credit=lambda answer, reference: 0.0)
+
+
+def _half_credit(responses: list[str], references: list[str], number_credit) -> list[float]:
+    """1.0 for an exactly correct answer; else half the credit of a wrong list answer (`order_credit`) or
+    of a wrong number answer (`number_credit(answer, reference)`)."""
+    return [1.0 if is_correct(r, ref) else 0.5 * (order_credit(r, ref) if "," in ref else number_credit(r, ref))
+            for r, ref in zip(responses, references)]
 
 
 def digit_credit(answer: str, reference: str) -> float:
@@ -160,8 +159,7 @@ def graded_reward(responses: list[str], references: list[str]) -> list[float]:
     half its `digit_credit` (partial_credit_reward gives numbers 0): the add and convert prompts whose
     samples are all wrong then still rank them, by the digits they get right.
     Config: `reward.function: minitune.data.synthetic:graded_reward`."""
-    return [1.0 if is_correct(r, ref) else 0.5 * (order_credit(r, ref) if "," in ref else digit_credit(r, ref))
-            for r, ref in zip(responses, references)]
+    return _half_credit(responses, references, number_credit=digit_credit)
 
 
 def accuracy(answers: list[str], examples: list[dict]) -> float:
