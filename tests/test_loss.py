@@ -69,3 +69,23 @@ def test_no_labelled_token_gives_zero_loss_and_zero_gradient():
         out = cross_entropy_sum(hidden, labels, head, chunk)
         (g,) = torch.autograd.grad(out, hidden)
         assert out.item() == 0.0 and g.abs().max() == 0
+
+
+def test_fused_loss_is_stable_for_large_logits_and_runs_in_bfloat16():
+    g = torch.Generator().manual_seed(3)
+    head = nn.Linear(32, 300, bias=False).requires_grad_(False)
+    hidden = (torch.randn(2, 40, 32, generator=g) * 40).requires_grad_()  # logits in the hundreds
+    labels = torch.randint(0, 300, (2, 40), generator=g)
+    ref = reference(hidden, labels, head.weight)
+    (gr,) = torch.autograd.grad(ref, hidden)
+    fused = cross_entropy_sum(hidden, labels, head, 16)
+    (gf,) = torch.autograd.grad(fused, hidden)
+    assert torch.isfinite(fused) and abs(fused.item() - ref.item()) / ref.item() < 1e-5
+    assert (gf.double() - gr).abs().max() < 1e-4
+    # bf16 hidden and head: the logits are upcast into the fp32 buffer, the gradient comes back in bf16
+    hb, wb = hidden.detach().bfloat16().requires_grad_(), head.to(torch.bfloat16)
+    fb = cross_entropy_sum(hb / 40, labels, wb, 16)
+    (gb,) = torch.autograd.grad(fb, hb)
+    rb = reference(hb.detach() / 40, labels, wb.weight)
+    assert fb.dtype == torch.float32 and gb.dtype == torch.bfloat16
+    assert abs(fb.item() - rb.item()) / rb.item() < 1e-5

@@ -44,20 +44,37 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        # One buffer serves every chunk and every pass over it runs in place: on CPU a fresh
+        # vocabulary-sized tensor per chunk (and per softmax step) costs its page faults again. The
+        # logits are held transposed, [V, c] = W @ h_c^T: MKL runs that product ~20% faster than
+        # h_c @ W^T on CPU (the softmax reduces over dim 0 instead).
+        buf = torch.empty(weight.shape[0] * min(chunk, h.shape[0]), dtype=acc, device=h.device)
         for s in range(0, h.shape[0], chunk):
             hc, yc = h[s: s + chunk], labels[s: s + chunk]
-            logits = _upcast(hc @ weight.t())  # [c, V]: the only vocabulary-sized buffer
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            n = hc.shape[0]
+            logits = buf[: weight.shape[0] * n].view(weight.shape[0], n)  # [V, c]: the only vocabulary-sized buffer
+            if hc.dtype == acc and weight.dtype == acc:
+                torch.mm(weight, hc.t(), out=logits)
+            else:
+                logits.copy_(weight @ hc.t())
+            cols = torch.arange(n, device=yc.device)
+            target = logits[yc, cols]
+            top = logits.amax(dim=0)
+            z = logits.sub_(top).exp_().sum(dim=0)  # logits now hold exp(logit - max)
+            total += (top + z.log() - target).sum()  # log-sum-exp minus the target's logit
             if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-                probs[torch.arange(len(yc), device=yc.device), yc] -= 1.0  # d loss / d logits
+                probs = logits.div_(z)  # softmax
+                probs[yc, cols] -= 1.0  # d loss / d logits
                 d = probs.to(h.dtype)
                 if need_h:
-                    grad_h[s: s + chunk] = d @ weight
+                    if d.dtype == weight.dtype == grad_h.dtype:
+                        torch.mm(d.t(), weight, out=grad_h[s: s + n])
+                    else:
+                        grad_h[s: s + n] = d.t() @ weight
                 if need_w:
-                    grad_w += d.t() @ hc
+                    grad_w += d @ hc
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
