@@ -92,6 +92,15 @@ class LoRAAdapter(nn.Module):
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         return (self.dropout(x) @ a.t() @ b.t()) * self.scale
 
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + forward(x). Without dropout and with y in x's dtype, the B product accumulates into y
+        inside one GEMM (addmm: no [.., out] temporary for the update, its scale and its sum)."""
+        if not isinstance(self.dropout, nn.Identity) or y.dtype != x.dtype:
+            return y + self.forward(x).to(y.dtype)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        xa = x.reshape(-1, x.shape[-1]) @ a.t()
+        return torch.addmm(y.reshape(-1, y.shape[-1]), xa, b.t(), alpha=self.scale).view(y.shape)
+
 
 class LoRALinear(nn.Module):
     """A base linear plus named LoRA adapters. `base_layer` keeps the base's parameter names."""
@@ -120,7 +129,7 @@ class LoRALinear(nn.Module):
             return y
         if self.disabled or self.active is None or self.active not in self.adapters:
             return y
-        return y + self.adapters[self.active](x).to(y.dtype)
+        return self.adapters[self.active].add_to(y, x)
 
     # -- merging ------------------------------------------------------------------------------
     @torch.no_grad()
