@@ -226,3 +226,28 @@ def test_quant_storage_bfloat16_matches_uint8(folder):
     assert b.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_lora_update_inside_addmm_equals_the_plain_expression():
+    """add_to folds scale * (x A^T) B^T into the base output's GEMM; it must equal y + forward(x),
+    in value and in the gradients of A, B and x, for 3-D inputs; dropout keeps the plain path."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 10, bias=True).requires_grad_(False))
+    layer.add_adapter("a", LoRAConfig(r=4, alpha=8))
+    layer.active = "a"
+    ad = layer.adapters["a"]
+    torch.nn.init.normal_(ad.lora_B)  # B = 0 at init would hide a wrong product
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    out = layer(x)
+    ref = layer.base_layer(x) + (x @ ad.lora_A.t() @ ad.lora_B.t()) * ad.scale
+    wrt = (x, ad.lora_A, ad.lora_B)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(out, ref, atol=1e-5) and out.shape == (2, 5, 10)
+    drop = LoRALinear(torch.nn.Linear(12, 10).requires_grad_(False))
+    drop.add_adapter("a", LoRAConfig(r=4, alpha=8, dropout=0.5)).eval()
+    drop.active = "a"
+    torch.nn.init.normal_(drop.adapters["a"].lora_B)
+    da = drop.adapters["a"]
+    assert torch.allclose(drop(x), drop.base_layer(x) + (x @ da.lora_A.t() @ da.lora_B.t()) * da.scale, atol=1e-5)
