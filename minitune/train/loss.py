@@ -55,9 +55,9 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             hc, yc = h[s: s + chunk], labels[s: s + chunk]
             n = hc.shape[0]
             logits = buf[: weight.shape[0] * n].view(weight.shape[0], n)  # [V, c]: the only vocabulary-sized buffer
-            if hc.dtype == acc and weight.dtype == acc:
+            if hc.dtype == acc:  # (the product needs weight in hc's dtype either way)
                 torch.mm(weight, hc.t(), out=logits)
-            else:
+            else:  # bf16/fp16: the product in that dtype, upcast into the buffer
                 logits.copy_(weight @ hc.t())
             cols = torch.arange(n, device=yc.device)
             target = logits[yc, cols]
@@ -68,11 +68,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits.div_(z)  # softmax
                 probs[yc, cols] -= 1.0  # d loss / d logits
                 d = probs.to(h.dtype)
-                if need_h:
-                    if d.dtype == weight.dtype == grad_h.dtype:
-                        torch.mm(d.t(), weight, out=grad_h[s: s + n])
-                    else:
-                        grad_h[s: s + n] = d.t() @ weight
+                if need_h:  # d, weight and grad_h all have h's dtype
+                    torch.mm(d.t(), weight, out=grad_h[s: s + n])
                 if need_w:
                     grad_w += d @ hc
         ctx.save_for_backward(grad_h, grad_w)
