@@ -98,11 +98,6 @@ class PPOSettings:
     samples_per_prompt: int = 1  # responses sampled per prompt; rollout_batch counts responses
     group_baseline: bool = False  # subtract the mean score of the prompt's other responses (RLOO); needs >= 2
     score_clip: float = 0.0  # 0: no clipping
-    missing_eos_penalty: float = 0.0  # subtracted from the score of responses with no EOS
-    # subtracted from the score of an empty answer (only whitespace before its EOS or stop string): a reward
-    # model trained on dialogues can rate silence above any reply (hh-rlhf's did: an immediate EOS scored ~1.5,
-    # one std above the average greedy answer), and PPO then learns to say nothing
-    empty_penalty: float = 0.0
     value_dropout: float = 0.1
     value_detach: bool = False  # train the value head on detached hidden states: the policy's LoRA weights then
     # get only the policy gradient (the shared-trunk value loss can pull a small model's answers around)

@@ -20,7 +20,7 @@ from minitune.lora import use_adapter
 from minitune.ppo import check_scores, logprobs_from_logits
 from minitune.reward import RewardHead, check_rendering, sequence_rewards
 from minitune.tokenizer import Tokenizer
-from minitune.train.sections import GenSection
+from minitune.train.sections import GenSection, RewardSource
 
 
 class PromptSplit(NamedTuple):
@@ -151,6 +151,18 @@ def _replace_rows(ro: Rollout, rows: dict[int, tuple[list[int], bool, bool, str]
 def empty_answers(responses: Sequence[str]) -> torch.Tensor:
     """[B] bool: True where an answer is empty or only whitespace (e.g. an immediate EOS)."""
     return torch.tensor([not r.strip() for r in responses], dtype=torch.bool)
+
+
+def answer_penalties(ro: Rollout, reward: RewardSource) -> torch.Tensor:
+    """[B] what `reward.missing_eos_penalty` and `reward.empty_penalty` take off each answer's score:
+    answers the token budget cut off, and answers with nothing but whitespace. PPO subtracts them
+    after its score normalization, GRPO before its group advantages."""
+    p = torch.zeros(len(ro.responses))
+    if reward.missing_eos_penalty:
+        p += reward.missing_eos_penalty * (~ro.gen.ended).float().cpu()
+    if reward.empty_penalty:
+        p += reward.empty_penalty * empty_answers(ro.responses).float()
+    return p
 
 
 def with_answers(ro: Rollout, answers: dict[int, str], tok: Tokenizer) -> Rollout:

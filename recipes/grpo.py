@@ -27,8 +27,9 @@ from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
 from minitune.ppo import policy_forward
-from minitune.rollout import (Rollout, check_reward_adapter, load_prompts, prompts_system, prompts_use_chat,
-                              resolve_reward_fn, sample_rollout, score_rollout, score_with_function, with_answers)
+from minitune.rollout import (Rollout, answer_penalties, check_reward_adapter, empty_answers, load_prompts,
+                              prompts_system, prompts_use_chat, resolve_reward_fn, sample_rollout, score_rollout,
+                              score_with_function, with_answers)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
@@ -245,13 +246,14 @@ def train(cfg: GRPOConfig) -> dict:
             t1 = time.perf_counter()
             raw = score_rollout(ro, policy, reward_head=reward_head, reward_fn=reward_fn, name=cfg.reward.function,
                                 device=device)
-            sampled, scores, guided = ro, raw, []
+            scores = raw - answer_penalties(ro, cfg.reward).to(raw.device)  # cut off or empty answers, if set
+            sampled, guided = ro, []
             if cfg.grpo.guide:  # the reference answer in place of the worst answer of groups with none as good
                 ref_scores = score_with_function(reward_fn, cfg.reward.function, ro.references[::G], ro.references[::G],
                                                  device)
-                guided = rows_to_guide(raw, ref_scores, G)
+                guided = rows_to_guide(scores, ref_scores, G)
                 ro = with_answers(ro, {b: ro.references[b] for b in guided}, tok)
-                scores = raw.clone()
+                scores = scores.clone()
                 scores[guided] = ref_scores[[b // G for b in guided]]
             adv = group_advantages(scores, G, scale=cfg.grpo.scale_advantages,
                                    negative_weight=cfg.grpo.negative_weight)
@@ -284,6 +286,7 @@ def train(cfg: GRPOConfig) -> dict:
                      **({"guided_groups": len(guided) / len(picked)} if cfg.grpo.guide else {}),
                      "response_length": ro.gen.lengths.float().mean().item(),
                      "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),
+                     "empty_share": empty_answers(ro.responses).float().mean().item(),
                      "stop_share": ro.stopped.float().mean().item(), "lr": sched.get_last_lr()[0],
                      "gen_s": ro.seconds, "score_s": t2 - t1, "update_s": t3 - t2,
                      "gen_tokens_per_s": float(ro.gen.lengths.sum()) / ro.seconds, "prompts_truncated": ro.truncated}

@@ -27,8 +27,8 @@ from minitune.ppo import (AdaptiveKLController, FixedKLController, PPOSettings, 
                           trajectory)
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
-from minitune.rollout import (Rollout, check_reward_adapter, empty_answers, load_prompts, prompts_system,
-                              prompts_use_chat, resolve_reward_fn, sample_rollout, score_rollout)
+from minitune.rollout import (Rollout, answer_penalties, check_reward_adapter, empty_answers, load_prompts,
+                              prompts_system, prompts_use_chat, resolve_reward_fn, sample_rollout, score_rollout)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
@@ -78,11 +78,7 @@ def scores_for(cfg, ro: Rollout, model, reward_head, reward_fn, moments: Running
         s = s / (moments.var ** 0.5 + 1e-8)
     if cfg.ppo.score_clip > 0:
         s = s.clamp(-cfg.ppo.score_clip, cfg.ppo.score_clip)
-    if cfg.ppo.missing_eos_penalty:
-        s = s - cfg.ppo.missing_eos_penalty * (~ro.gen.ended).float()
-    if cfg.ppo.empty_penalty:
-        s = s - cfg.ppo.empty_penalty * empty_answers(ro.responses).to(s.device)
-    return s, raw
+    return s - answer_penalties(ro, cfg.reward).to(s.device), raw
 
 
 def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, reference, reward_head, reward_fn,

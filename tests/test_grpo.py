@@ -194,6 +194,29 @@ def test_equal_groups_are_skipped_before_the_update(toy_folder, tmp_path, monkey
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_answer_penalties_enter_the_group_advantages(toy_folder, tmp_path, monkeypatch):
+    """reward.missing_eos_penalty / reward.empty_penalty come off the scores before the group advantages:
+    with a constant reward, every group's only signal is its penalized answers, pushed down."""
+    seen, given, real, real_penalties = [], [], grpo_recipe.update, grpo_recipe.answer_penalties
+
+    def penalties(ro, reward):  # the real function (0.5 off each answer the 8-token budget cut), then 0.5 more
+        assert reward.missing_eos_penalty == 0.5  # off one answer per group
+        one_per_group = torch.tensor([reward.missing_eos_penalty, 0, 0, 0]).repeat(len(ro.responses) // 4)
+        given.append(real_penalties(ro, reward) + one_per_group)
+        return given[-1]
+    monkeypatch.setattr(grpo_recipe, "answer_penalties", penalties)
+    monkeypatch.setattr(grpo_recipe, "update", lambda model, ro, adv, rows, *a, **k: seen.append(adv.clone()) or real(
+        model, ro, adv, rows, *a, **k))
+    out = run(toy_args(toy_folder, tmp_path / "o", **{"reward.function": "helpers:constant_reward", "run.max_steps": 1,
+                                                      "reward.missing_eos_penalty": 0.5,
+                                                      "grpo.scale_advantages": "false"}))
+    assert out["history"][0]["informative_groups"] == 1 and out["history"][0]["score_mean"] == 0.5  # raw scores logged
+    p = given[0].view(8, 4)
+    expected = -(p - p.mean(1, keepdim=True)).flatten()  # constant reward: the penalties against the group's mean
+    assert len(seen) == 1 and torch.allclose(seen[0].cpu(), expected)
+    assert (expected.view(8, 4)[:, 0] <= 0).all() and expected.abs().sum() > 0  # the doubly penalized answer: down
+
+
 def test_bad_settings_fail_before_the_model_loads(tmp_path):
     with pytest.raises(MinituneError, match=r"grpo.rollout_batch=30 must be a multiple of group_size \(8\)"):
         parse_cli(grpo_recipe.GRPOConfig, ["grpo.rollout_batch=30"])

@@ -7,6 +7,7 @@ import torch
 
 from minitune.ppo import (AdaptiveKLController, KLEstimator, gae, kl_per_token, leave_one_out_baseline, masked_mean,
                           masked_var, per_token_rewards, ppo_losses, whiten)
+from minitune.errors import MinituneError
 from minitune.train.config import parse_cli
 from helpers import load_recipe
 
@@ -296,11 +297,11 @@ def test_greedy_member_gives_ppo_the_greedy_answer_first(toy_folder, tmp_path, m
 
 
 def test_missing_eos_and_empty_answer_penalties():
-    """ppo.missing_eos_penalty hits answers the budget cut off; ppo.empty_penalty answers with nothing
-    but whitespace (a reward model can rate silence highly); both after the group baseline."""
+    """reward.missing_eos_penalty hits answers the budget cut off; reward.empty_penalty answers with nothing
+    but whitespace (a reward model can rate silence highly); PPO subtracts both after the group baseline."""
     from minitune.generate import GenerationOutput
     from minitune.ppo import RunningMoments
-    from minitune.rollout import Rollout, empty_answers
+    from minitune.rollout import Rollout, answer_penalties, empty_answers
     from helpers import share_of_letter_a
 
     ppo = load_recipe("ppo")
@@ -313,9 +314,15 @@ def test_missing_eos_and_empty_answer_penalties():
 
     def scores(**kw):
         args = ["ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.mini_batch=4"]
-        cfg = parse_cli(ppo.PPOConfig, args + [f"ppo.{k}={v}" for k, v in kw.items()])
+        cfg = parse_cli(ppo.PPOConfig, args + [f"reward.{k}={v}" for k, v in kw.items()])
         return ppo.scores_for(cfg, ro, None, None, share_of_letter_a, RunningMoments(), None)[0]
 
     plain = scores()
     assert torch.allclose(scores(missing_eos_penalty=0.5) - plain, torch.tensor([0.0, 0.0, 0.0, -0.5]))
     assert torch.allclose(scores(empty_penalty=2.0) - plain, torch.tensor([0.0, -2.0, -2.0, 0.0]))
+    both = parse_cli(ppo.PPOConfig, ["reward.missing_eos_penalty=0.5", "reward.empty_penalty=2.0"]).reward
+    assert answer_penalties(ro, both).tolist() == [0.0, 2.0, 2.0, 0.5]
+    with pytest.raises(MinituneError, match="is now 'reward.empty_penalty'"):  # the key's old place
+        parse_cli(ppo.PPOConfig, ["ppo.empty_penalty=1.0"])
+    with pytest.raises(MinituneError, match="empty_penalty"):
+        parse_cli(ppo.PPOConfig, ["reward.empty_penalty=-1"])

@@ -89,6 +89,10 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+# keys that moved to another section: an old config gets the new name, not a list of valid keys
+MOVED = {"ppo.missing_eos_penalty": "reward.missing_eos_penalty", "ppo.empty_penalty": "reward.empty_penalty"}
+
+
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     """Builds dataclass `cls` from a nested dict, checking keys and types."""
     hints = _hints(cls)
@@ -96,6 +100,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for key, value in (data or {}).items():
         if key not in names:
+            if prefix + key in MOVED:
+                raise MinituneError(f"config key {prefix + key!r} is now {MOVED[prefix + key]!r}; rename it")
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             close += [n for n in names if n not in close and (key.startswith(n) or n.startswith(key))]
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else f"; valid keys: {', '.join(names)}"

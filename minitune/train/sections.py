@@ -250,6 +250,16 @@ class RewardSource:
 
     function: str = "minitune.data.synthetic:correctness_reward"  # module:function(responses, references)
     adapter: str = ""  # a reward adapter folder (used instead of the function)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of an answer the token budget cut off (no EOS)
+    # subtracted from the score of an empty answer (only whitespace before its EOS or stop string): a reward
+    # model trained on dialogues can rate silence above any reply (hh-rlhf's did: an immediate EOS scored ~1.5,
+    # one std above the average greedy answer), and the policy then learns to say nothing
+    empty_penalty: float = 0.0
+
+    def __post_init__(self):
+        for name in ("missing_eos_penalty", "empty_penalty"):
+            value = getattr(self, name)
+            require(0 <= value < float("inf"), name, value, "must be >= 0 and finite (0: no penalty)")
 
 
 def resolve_grad_accum(run: RunSection, world_size: int) -> int:
