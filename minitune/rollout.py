@@ -156,12 +156,12 @@ def empty_answers(responses: Sequence[str]) -> torch.Tensor:
 def answer_penalties(ro: Rollout, reward: RewardSource) -> torch.Tensor:
     """[B] what `reward.missing_eos_penalty` and `reward.empty_penalty` take off each answer's score:
     answers the token budget cut off, and answers with nothing but whitespace. PPO subtracts them
-    after its score normalization, GRPO before its group advantages."""
-    p = torch.zeros(len(ro.responses))
+    after its score normalization, GRPO before its group advantages. On the rollout's device."""
+    p = torch.zeros(len(ro.responses), device=ro.gen.ended.device)
     if reward.missing_eos_penalty:
-        p += reward.missing_eos_penalty * (~ro.gen.ended).float().cpu()
+        p += reward.missing_eos_penalty * (~ro.gen.ended).float()
     if reward.empty_penalty:
-        p += reward.empty_penalty * empty_answers(ro.responses).float()
+        p += reward.empty_penalty * empty_answers(ro.responses).float().to(p.device)
     return p
 
 
