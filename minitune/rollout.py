@@ -17,7 +17,7 @@ from minitune.data.synthetic import SYSTEM, train_eval_split
 from minitune.errors import MinituneError
 from minitune.generate import GenerationOutput, generate, left_pad, positions_from_mask
 from minitune.lora import use_adapter
-from minitune.ppo import check_scores, logprobs_from_logits
+from minitune.ppo import check_scores, logprobs_from_logits, policy_forward
 from minitune.reward import RewardHead, check_rendering, sequence_rewards
 from minitune.tokenizer import Tokenizer
 from minitune.train.sections import GenSection, RewardSource
@@ -172,6 +172,32 @@ def with_answers(ro: Rollout, answers: dict[int, str], tok: Tokenizer) -> Rollou
     the new rows' sampling log-probs are 0 (they were not sampled: recompute them, as GRPO does)."""
     return _replace_rows(ro, {b: (tok.encode(text, add_special_tokens=False) + [tok.eos_id], True, False, text)
                               for b, text in answers.items()}, tok.pad_id)
+
+
+def demonstrations(ro: Rollout, group: int, tok: Tokenizer) -> Rollout:
+    """One row per prompt of `ro` (its groups of `group` answers), the answer replaced by the prompt's
+    reference answer and an EOS: the supervised examples of a step's prompts, laid out as a rollout so
+    the same shared-prompt forward scores them (GRPO's `sft_coef`, InstructGPT's PPO-ptx on SFT data)."""
+    if any(r is None for r in ro.references[::group]):
+        raise MinituneError("these prompts have no reference answers to learn from: use data with a `reference` "
+                            "column (or the synthetic task), or set the sft_coef to 0")
+    rows = torch.arange(0, len(ro.responses), group, device=ro.query.device)
+    g = ro.gen
+    one = ro._replace(prompts=ro.prompts[::group], references=ro.references[::group], query=ro.query[rows],
+                      query_mask=ro.query_mask[rows],
+                      gen=GenerationOutput(*(t[rows] for t in (g.sequences, g.tokens, g.logprobs, g.mask, g.lengths,
+                                                               g.ended))),
+                      responses=ro.responses[::group], stopped=ro.stopped[rows])
+    return with_answers(one, dict(enumerate(one.references)), tok)
+
+
+def demonstration_nll(model, demo: Rollout) -> torch.Tensor:
+    """Mean negative log-likelihood (temperature 1) of the reference answers in `demo` (one row per
+    prompt, `demonstrations`), over their tokens and EOS: the supervised term of GRPO's and PPO's
+    `sft_coef`. `model` is the policy (a value head, if any, is left out)."""
+    logp = policy_forward(model, demo.gen.sequences, demo.attention_mask, demo.gen.mask, 1, 1.0, values=False)[0]
+    mask = demo.gen.mask.float()
+    return -(logp * mask).sum() / mask.sum().clamp(min=1)
 
 
 def stop_cut(tok: Tokenizer, tokens: list[int], stops: Sequence[str]) -> int | None:

@@ -27,9 +27,9 @@ from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
 from minitune.ppo import policy_forward
-from minitune.rollout import (Rollout, answer_penalties, check_reward_adapter, empty_answers, load_prompts,
-                              prompts_system, prompts_use_chat, resolve_reward_fn, sample_rollout, score_rollout,
-                              score_with_function, with_answers)
+from minitune.rollout import (Rollout, answer_penalties, check_reward_adapter, demonstration_nll, demonstrations,
+                              empty_answers, load_prompts, prompts_system, prompts_use_chat, resolve_reward_fn,
+                              sample_rollout, score_rollout, score_with_function, with_answers)
 from minitune.train.checkpointing import CheckpointManager
 from minitune.train.cli import report_stop, run_recipe, should_save
 from minitune.train.sections import (DataSection, GenSection, HeldOutSection, ModelSection, OptimSection,
@@ -61,6 +61,11 @@ class GRPOSection:
     # its worst answer (off-policy guidance, LUFFY): prompts the policy never samples right still teach it.
     # Needs reference answers (the synthetic task, or a `reference` column) and a reward function
     guide: bool = False
+    # weight of a supervised term: the mean negative log-likelihood of each step's prompts' reference answers,
+    # added to every optimizer step's loss (InstructGPT's PPO-ptx, on the SFT data rather than pre-training text):
+    # prompts the policy never answers right still teach it, and right answers it already gives are kept.
+    # Needs reference answers (the synthetic task, or a `reference` column); 0: pure GRPO
+    sft_coef: float = 0.0
 
     def __post_init__(self):
         require(self.group_size >= 2, "group_size", self.group_size, "must be >= 2: GRPO compares a prompt's answers")
@@ -70,6 +75,8 @@ class GRPOSection:
         require(0 <= self.clip_low < 1, "clip_low", self.clip_low, "must be in [0, 1)")
         require(self.clip_high >= 0, "clip_high", self.clip_high, "must be >= 0")
         require(self.beta >= 0, "beta", self.beta, "must be >= 0 (0: no KL term)")
+        require(self.sft_coef >= 0 and self.sft_coef < float("inf"), "sft_coef", self.sft_coef,
+                "must be >= 0 and finite (0: no supervised term)")
         require(0 <= self.negative_weight <= 1, "negative_weight", self.negative_weight,
                 "must be in [0, 1] (1: GRPO, 0: only better-than-mean answers reinforced)")
         for name in ("epochs", "mini_batches", "micro_batch"):
@@ -126,20 +133,22 @@ def answer_logprobs(model, ro: Rollout, rows: torch.Tensor, G: int, temperature:
 
 
 def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_weight: torch.Tensor, ref_logp,
-           old_logp, cfg: GRPOConfig, opt, sched, rng: random.Random, step: int, last_ckpt) -> dict:
+           old_logp, cfg: GRPOConfig, opt, sched, rng: random.Random, step: int, last_ckpt,
+           demo: Rollout | None = None) -> dict:
     """The optimizer steps of one rollout: epochs x mini_batches steps over `groups` (shuffled whole),
     each summing the gradients of its micro-batches; a micro-batch is whole groups, each prompt
     computed once for its G answers (`answer_logprobs`). Rows of weight 0 are computed but count
-    nowhere (ranks that must run as many forwards as the others). Returns the mean of the update
-    statistics."""
+    nowhere (ranks that must run as many forwards as the others). With `demo` (reference answers),
+    each optimizer step adds `sft_coef` x their mean NLL, and steps even when no group carries
+    signal. Returns the mean of the update statistics."""
     g, G, T = cfg.grpo, cfg.grpo.group_size, cfg.gen.temperature
     rmask = ro.gen.mask.float() * row_weight[:, None]
-    stats, norms = [], []
+    stats, norms, nlls = [], [], []
     for _ in range(g.epochs):
         perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         order = [groups[i] for i in perm]
-        per = -(-len(order) // g.mini_batches)
-        for chunk in (order[s: s + per] for s in range(0, len(order), per)):
+        per = max(1, -(-len(order) // g.mini_batches))
+        for chunk in [order[s: s + per] for s in range(0, len(order), per)] or [[]]:
             idx = rows_of(chunk, G, rmask.device)
             tokens, n_seq = float(rmask[idx].sum()), float(row_weight[idx].sum())
             losses = []
@@ -154,17 +163,24 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
                 loss.backward()
                 stats.append(st)
                 losses.append(st.loss)
+            if demo is not None:
+                nll = demonstration_nll(model, demo)
+                (g.sft_coef * nll).backward()
+                nlls.append(float(nll))
+                losses.append(g.sft_coef * nll.detach())
             norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
             check_finite(step + 1, last_ckpt, loss=float(sum(losses)), gradient_norm=float(norm))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             norms.append(float(norm))
+    sft = {"sft_nll": sum(nlls) / len(nlls)} if nlls else {}
     if not stats:
-        return {}
+        return {**sft, **({"grad_norm": sum(norms) / len(norms)} if norms else {})}
     mean = {k: torch.stack([getattr(s, k) for s in stats]).mean().item() for k in stats[0]._fields}
     return {"loss": mean["loss"] * len(stats) / (g.epochs * g.mini_batches), "clip_low": mean["clip_low"],
-            "clip_high": mean["clip_high"], "kl": mean["kl"], "ratio": mean["ratio"], "grad_norm": sum(norms) / len(norms)}
+            "clip_high": mean["clip_high"], "kl": mean["kl"], "ratio": mean["ratio"], "grad_norm": sum(norms) / len(norms),
+            **sft}
 
 
 @torch.no_grad()
@@ -190,6 +206,9 @@ def train(cfg: GRPOConfig) -> dict:
     info, device, out_dir, resume, tok, log, _ = ctx
     split = load_prompts(cfg.data, cfg.run.seed, tok)
     prompts, refs = split.prompts, split.references
+    if cfg.grpo.sft_coef and any(r is None for r in refs):
+        raise MinituneError("grpo.sft_coef learns the prompts' reference answers, but these prompts have none: "
+                            "use data with a `reference` column (or the synthetic task), or set grpo.sft_coef=0")
     if cfg.grpo.guide and any(r is None for r in refs):
         raise MinituneError("grpo.guide puts a prompt's reference answer into its group, but these prompts have none: "
                             "use data with a `reference` column (or the synthetic task), or set grpo.guide=false")
@@ -248,6 +267,7 @@ def train(cfg: GRPOConfig) -> dict:
                                 device=device)
             scores = raw - answer_penalties(ro, cfg.reward).to(raw.device)  # cut off or empty answers, if set
             sampled, guided = ro, []
+            demo = demonstrations(ro, G, tok) if cfg.grpo.sft_coef else None
             if cfg.grpo.guide:  # the reference answer in place of the worst answer of groups with none as good
                 ref_scores = score_with_function(reward_fn, cfg.reward.function, ro.references[::G], ro.references[::G],
                                                  device)
@@ -274,7 +294,7 @@ def train(cfg: GRPOConfig) -> dict:
             t2 = time.perf_counter()
             model.train()
             up = update(model, ro, adv.to(device), groups, row_weight, ref_logp, old_logp, cfg, opt, sched, rng, step,
-                        last_ckpt) if groups else {}
+                        last_ckpt, demo) if groups or demo is not None else {}
             t3 = time.perf_counter()
             step += 1
 
@@ -282,7 +302,7 @@ def train(cfg: GRPOConfig) -> dict:
             ro, n = sampled, len(sampled.responses)  # statistics of what the policy sampled
             sums = all_reduce_sum(torch.tensor([float(raw.sum()), float(keep.sum()), float(len(picked))], device=device))
             stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": raw.std().item(),
-                     "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(groups), **up,
+                     "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(groups) or demo is not None, **up,
                      **({"guided_groups": len(guided) / len(picked)} if cfg.grpo.guide else {}),
                      "response_length": ro.gen.lengths.float().mean().item(),
                      "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),

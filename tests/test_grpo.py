@@ -358,6 +358,70 @@ def test_guidance_teaches_a_reference_the_policy_never_samples(toy_folder, tmp_p
         run(toy_args(toy_folder, tmp_path / "adapter", **{"grpo.guide": "true", "reward.adapter": tmp_path}))
 
 
+def test_demonstrations_are_each_prompts_reference_and_their_nll_is_teacher_forcing(toy_folder):
+    """demonstrations: one row per group, its answer the prompt's reference and an EOS; the NLL the
+    supervised term adds is the mean over those tokens of a plain forward's negative log-probs."""
+    import random
+
+    from minitune import load_model
+    from minitune.ppo import logprobs_from_logits
+    from minitune.rollout import demonstration_nll, demonstrations, sample_rollout
+    from minitune.tokenizer import load_tokenizer
+    from minitune.train.sections import GenSection
+
+    folder, _ = toy_folder
+    model, tok = load_model(folder).eval(), load_tokenizer(folder)
+    gen = GenSection(min_new_tokens=3, max_new_tokens=3, temperature=1.0, max_prompt_length=16)
+    refs = ["the cat sat on a mat please", "cat"]
+    ro = sample_rollout(model, tok, ["add two", "the cat sat"], refs, gen=gen, k=3, rng=random.Random(0),
+                        chat=False, system=None, device=None)
+    demo = demonstrations(ro, 3, tok)
+    assert demo.prompts == ["add two", "the cat sat"] and demo.responses == refs
+    nll, n = 0.0, 0
+    for i, text in enumerate(refs):
+        ids = tok.encode(text, add_special_tokens=False) + [tok.eos_id]
+        assert demo.gen.tokens[i, :len(ids)].tolist() == ids and demo.gen.mask[i].sum() == len(ids)
+        assert torch.equal(demo.query[i], ro.query[3 * i])
+        prompt = ro.query[3 * i][ro.query_mask[3 * i].bool()]
+        full = torch.cat([prompt, torch.tensor(ids)])[None]
+        with torch.no_grad():
+            nll -= logprobs_from_logits(model(full)[0][:, len(prompt) - 1: -1], full[:, len(prompt):]).sum().item()
+        n += len(ids)
+    with torch.no_grad():
+        got = demonstration_nll(model, demo).item()
+    assert got == pytest.approx(nll / n, rel=1e-5)
+    with pytest.raises(MinituneError, match="no reference answers"):
+        demonstrations(ro._replace(references=[None] * 6), 3, tok)
+
+
+def test_supervised_term_teaches_references_when_no_group_carries_signal(toy_folder, tmp_path):
+    """grpo.sft_coef: every toy answer is wrong against the reference "cat", so no group carries
+    signal and plain GRPO never updates (the guidance test above); the supervised term alone updates
+    every step and the policy starts answering "cat". lr=0 is the control."""
+    import json as _json
+
+    folder, _ = toy_folder
+    prompts = tmp_path / "ref.jsonl"
+    prompts.write_text("\n".join(_json.dumps({"prompt": p, "reference": "cat"}) for p in ["add two", "sat on"] * 8))
+
+    def supervised(lr):
+        return run(toy_args(toy_folder, tmp_path / f"sft_{lr}", **{
+            "data.source": prompts, "reward.function": "minitune.data.synthetic:correctness_reward",
+            "grpo.sft_coef": 1.0, "grpo.rollout_batch": 16, "run.max_steps": 12, "optim.lr": lr}))["history"]
+
+    h = supervised(1e-2)
+    assert all(s["updated"] and s["informative_groups"] == 0 for s in h[:1])
+    assert h[-1]["sft_nll"] < h[0]["sft_nll"] / 2, [s["sft_nll"] for s in h]
+    assert sum(s["score_mean"] for s in h[-4:]) / 4 > 0.1, [s["score_mean"] for s in h]
+    control = supervised(0.0)
+    assert not control[-1]["sft_nll"] < control[0]["sft_nll"] / 2, [s["sft_nll"] for s in control]
+    assert not sum(s["score_mean"] for s in control[-4:]) / 4 > 0.1, [s["score_mean"] for s in control]
+    with pytest.raises(MinituneError, match="grpo.sft_coef learns the prompts' reference answers"):
+        run(toy_args(toy_folder, tmp_path / "none", **{"grpo.sft_coef": 0.5, "run.max_steps": 1}))
+    with pytest.raises(MinituneError, match="sft_coef"):
+        parse_cli(grpo_recipe.GRPOConfig, ["grpo.sft_coef=-1"])
+
+
 def test_synthetic_config_is_the_embedded_default():
     from pathlib import Path
 
