@@ -166,7 +166,7 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
             if demo is not None:
                 nll = demonstration_nll(model, demo)
                 (g.sft_coef * nll).backward()
-                nlls.append(float(nll))
+                nlls.append(nll.detach().item())
                 losses.append(g.sft_coef * nll.detach())
             norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip)
             check_finite(step + 1, last_ckpt, loss=float(sum(losses)), gradient_norm=float(norm))
