@@ -54,13 +54,25 @@ def run_worker(script: Path, args: list[str], timeout: int = 3600, env: dict | N
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC ...", "Intel(R) Xeon(R) ...") where Linux says it: CPU figures are
+    only comparable on the same model."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     try:
         import torch
 
         if torch.cuda.is_available():
             return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-        return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        return f"CPU {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
     except ImportError:  # pragma: no cover
         return platform.platform()
 

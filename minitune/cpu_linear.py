@@ -64,6 +64,36 @@ def available() -> bool:
         return False
 
 
+INTEL_MIN_PACKED = 1 << 24  # on Intel CPUs only weights at least this large (an output projection) are packed
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU vendor Linux reports ("GenuineIntel", "AuthenticAMD"), "" where it does not say."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def packing_pays(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's packed copy of a weight of this shape multiplies faster than `F.linear` (MKL)
+    on this CPU, by a rule rather than a timing, so the choice (and the last bits of every no-grad
+    product) is the same in every run on a machine. Measured on SmolLM2's shapes at 8 and 64 rows:
+    on an AMD EPYC every shape pays (2-2.5x at 8 rows, 1.4-2x at 64: MKL's skinny products run far
+    below the memory's speed there); on an Intel Xeon MKL runs the layers' products as fast or faster
+    (0.5-1.1x packed, varying from run to run) and only the 49152x576 output projection gains
+    (2-2.7x at 8 rows, 1.3x at 64). So: every shape off Intel, weights of at least
+    INTEL_MIN_PACKED elements (64 MB in fp32) on it; the line between is untested on larger models
+    (a 7B model's layers hold 16-45M elements)."""
+    if cpu_vendor() == "GenuineIntel":
+        return out_features * in_features >= INTEL_MIN_PACKED
+    return True
+
+
 class _Pack:
     """A layer's packed copy and what it was made from. Copies and pickles of the model carry an
     empty one (oneDNN tensors have no storage to copy): they repack at their first forward."""
@@ -123,15 +153,18 @@ def is_plain_linear(m: nn.Module) -> bool:
     return type(m) in PLAIN_LINEARS
 
 
-def pack_linears(model: nn.Module) -> int:
+def pack_linears(model: nn.Module, only_faster: bool = False) -> int:
     """Gives every plain CPU float32/bfloat16 `nn.Linear` in `model` a oneDNN-packed weight copy
-    used in passes without autograd (see the module docstring). Apply it last, after LoRA and
-    quantization. Returns how many layers hold one: 0 where oneDNN is unavailable. Idempotent."""
+    used in passes without autograd (see the module docstring); with `only_faster`, only the layers
+    whose weight shape multiplies faster packed on this CPU (`packing_pays`), as the recipes do.
+    Apply it last, after LoRA and quantization. Returns how many layers hold one: 0 where oneDNN is
+    unavailable. Idempotent."""
     if not available():
         return 0
     n = 0
     for m in model.modules():
-        if _packable(m):
+        if _packable(m) and (type(m) is PackedLinear or not only_faster
+                             or packing_pays(m.out_features, m.in_features, m.weight.dtype)):
             m.__class__ = PackedLinear
             m.refresh()
             n += 1

@@ -135,3 +135,35 @@ def test_generation_with_packed_weights_equals_unpacked_with_lora_on_and_off_eag
                 out = generate(m, ids, mask, generator=torch.Generator().manual_seed(3), compile=compile, **common)
             assert torch.equal(out.sequences, ref[on].sequences), (on, compile)
             assert torch.allclose(out.logprobs, ref[on].logprobs, atol=1e-5)
+
+
+def test_only_faster_packs_the_shapes_the_probe_times_faster(monkeypatch):
+    """pack_linears(only_faster=True), as the recipes call it: a layer gets a copy only when its shape's
+    timing says packing pays; the others stay plain nn.Linear and give F.linear's results exactly."""
+    import minitune.cpu_linear as cl
+
+    asked = []
+    monkeypatch.setattr(cl, "packing_pays", lambda o, i, dt: asked.append((o, i, dt)) or (o, i) == (64, 32))
+    m = mlp()
+    assert pack_linears(m, only_faster=True) == 1
+    assert type(m[0]) is PackedLinear and type(m[2]) is nn.Linear
+    assert asked == [(64, 32, torch.float32), (16, 64, torch.float32)]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), plain(m, x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(m[2](m[1](m[0](x))), F.linear(m[1](m[0](x)), m[2].weight))  # plain layer: bitwise
+    assert pack_linears(m, only_faster=True) == 1  # idempotent: a packed layer stays packed without asking again
+    assert len(asked) == 3
+
+
+def test_packing_pays_packs_every_shape_off_intel_and_only_output_projections_on_it(monkeypatch):
+    import minitune.cpu_linear as cl
+
+    monkeypatch.setattr(cl, "cpu_vendor", lambda: "AuthenticAMD")
+    assert cl.packing_pays(192, 576, torch.float32) and cl.packing_pays(49152, 576, torch.float32)
+    monkeypatch.setattr(cl, "cpu_vendor", lambda: "GenuineIntel")
+    assert not cl.packing_pays(1536, 576, torch.float32) and not cl.packing_pays(2048, 4096, torch.float32)
+    assert cl.packing_pays(49152, 576, torch.float32) and cl.packing_pays(128256, 4096, torch.bfloat16)
+    monkeypatch.undo()
+    cl.cpu_vendor.cache_clear()
+    assert isinstance(cl.cpu_vendor(), str)

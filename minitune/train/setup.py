@@ -212,7 +212,7 @@ def finish_model(model: Transformer, m: ModelSection, run: RunSection, info: Dis
     module to call in the training step."""
     set_attention(model, m.attention)
     if m.cpu_pack and not (run.parallel == Parallel.FSDP and info.world_size > 1):  # FSDP regathers weights each pass
-        pack_linears(model)
+        pack_linears(model, only_faster=True)
     if m.compile:
         compile_layers(model)  # before checkpointing, which wraps the compiled layers
     if m.gradient_checkpointing:
