@@ -40,7 +40,7 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """x @ weight.T + bias through `packed`, oneDNN's copy of weight made at `weight._version == version`
     from storage `ptr`; a weight changed since (or another one) is multiplied directly, never stale.
     An opaque call inside `torch.compile` (inductor lowers the mkldnn op only for weights it froze)."""
-    if weight._version != version or weight.data_ptr() != ptr:
+    if weight.is_inference() or weight._version != version or weight.data_ptr() != ptr:
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -127,9 +127,11 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype or not _packable_weight(w):
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != w.dtype:
             return F.linear(x, w, b)
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling():  # (dynamo cannot trace is_inference(): the op checks it there)
+            if not _packable_weight(w):
+                return F.linear(x, w, b)
             self.refresh()  # in a compiled region the op itself falls back to F.linear if the copy is stale
         p = self.__dict__.get("_pack")
         if p is None or p.packed is None:  # a copy first called inside a compiled region
