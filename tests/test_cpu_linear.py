@@ -167,3 +167,17 @@ def test_packing_pays_packs_every_shape_off_intel_and_only_output_projections_on
     monkeypatch.undo()
     cl.cpu_vendor.cache_clear()
     assert isinstance(cl.cpu_vendor(), str)
+
+
+def test_packed_layers_compile_without_graph_breaks():
+    """A compiled no-grad pass through packed layers is one graph: a break in every layer (as
+    `tensor.is_inference()` in the forward once caused) sent the compiled decode step back to eager
+    layer by layer, slower than not compiling."""
+    m = mlp()
+    pack_linears(m)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        m(x)  # the eager pass makes the copies
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch.testing.assert_close(torch.compile(m)(x), plain(m, x), atol=1e-5, rtol=1e-5)
