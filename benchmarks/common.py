@@ -57,13 +57,9 @@ def run_worker(script: Path, args: list[str], timeout: int = 3600, env: dict | N
 def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC ...", "Intel(R) Xeon(R) ...") where Linux says it: CPU figures are
     only comparable on the same model."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from minitune.cpu_linear import cpu_info
+
+    return cpu_info("model name") or platform.processor() or platform.machine()
 
 
 def machine() -> str:

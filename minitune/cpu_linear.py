@@ -67,16 +67,21 @@ def available() -> bool:
 INTEL_MIN_PACKED = 1 << 24  # on Intel CPUs only weights at least this large (an output projection) are packed
 
 
-@functools.cache
-def cpu_vendor() -> str:
-    """The CPU vendor Linux reports ("GenuineIntel", "AuthenticAMD"), "" where it does not say."""
+def cpu_info(field: str) -> str:
+    """A field of the first CPU in Linux's /proc/cpuinfo ("vendor_id", "model name"); "" where it is absent."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("vendor_id"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU vendor Linux reports ("GenuineIntel", "AuthenticAMD"), "" where it does not say."""
+    return cpu_info("vendor_id")
 
 
 def packing_pays(out_features: int, in_features: int, dtype: torch.dtype) -> bool:

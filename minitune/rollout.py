@@ -182,19 +182,16 @@ def demonstrations(ro: Rollout, group: int, tok: Tokenizer) -> Rollout:
         raise MinituneError("these prompts have no reference answers to learn from: use data with a `reference` "
                             "column (or the synthetic task), or set the sft_coef to 0")
     rows = torch.arange(0, len(ro.responses), group, device=ro.query.device)
-    g = ro.gen
     one = ro._replace(prompts=ro.prompts[::group], references=ro.references[::group], query=ro.query[rows],
-                      query_mask=ro.query_mask[rows],
-                      gen=GenerationOutput(*(t[rows] for t in (g.sequences, g.tokens, g.logprobs, g.mask, g.lengths,
-                                                               g.ended))),
+                      query_mask=ro.query_mask[rows], gen=GenerationOutput(*(t[rows] for t in ro.gen)),
                       responses=ro.responses[::group], stopped=ro.stopped[rows])
     return with_answers(one, dict(enumerate(one.references)), tok)
 
 
 def demonstration_nll(model, demo: Rollout) -> torch.Tensor:
     """Mean negative log-likelihood (temperature 1) of the reference answers in `demo` (one row per
-    prompt, `demonstrations`), over their tokens and EOS: the supervised term of GRPO's and PPO's
-    `sft_coef`. `model` is the policy (a value head, if any, is left out)."""
+    prompt, `demonstrations`), over their tokens and EOS: the supervised term of GRPO's `sft_coef`.
+    `model` is the policy (a `WithHead` wrapper is called without its head)."""
     logp = policy_forward(model, demo.gen.sequences, demo.attention_mask, demo.gen.mask, 1, 1.0, values=False)[0]
     mask = demo.gen.mask.float()
     return -(logp * mask).sum() / mask.sum().clamp(min=1)
