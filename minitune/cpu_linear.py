@@ -84,7 +84,7 @@ def cpu_vendor() -> str:
     return cpu_info("vendor_id")
 
 
-def packing_pays(out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+def packing_pays(out_features: int, in_features: int) -> bool:
     """Whether oneDNN's packed copy of a weight of this shape multiplies faster than `F.linear` (MKL)
     on this CPU, by a rule rather than a timing, so the choice (and the last bits of every no-grad
     product) is the same in every run on a machine. Measured on SmolLM2's shapes at 8 and 64 rows:
@@ -92,7 +92,7 @@ def packing_pays(out_features: int, in_features: int, dtype: torch.dtype) -> boo
     below the memory's speed there); on an Intel Xeon MKL runs the layers' products as fast or faster
     (0.5-1.1x packed, varying from run to run) and only the 49152x576 output projection gains
     (2-2.7x at 8 rows, 1.3x at 64). So: every shape off Intel, weights of at least
-    INTEL_MIN_PACKED elements (64 MB in fp32) on it; the line between is untested on larger models
+    INTEL_MIN_PACKED elements (64 MB in fp32) on it, whatever the dtype; the line between is untested on larger models
     (a 7B model's layers hold 16-45M elements)."""
     if cpu_vendor() == "GenuineIntel":
         return out_features * in_features >= INTEL_MIN_PACKED
@@ -171,7 +171,7 @@ def pack_linears(model: nn.Module, only_faster: bool = False) -> int:
     n = 0
     for m in model.modules():
         if _packable(m) and (type(m) is PackedLinear or not only_faster
-                             or packing_pays(m.out_features, m.in_features, m.weight.dtype)):
+                             or packing_pays(m.out_features, m.in_features)):
             m.__class__ = PackedLinear
             m.refresh()
             n += 1

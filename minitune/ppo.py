@@ -103,6 +103,9 @@ class PPOSettings:
     # get only the policy gradient (the shared-trunk value loss can pull a small model's answers around)
     use_value: bool = True  # false: no value function; each token's advantage is its return (score + KL penalties
     # to the end, discounted by gamma; lam unused): REINFORCE, or RLOO with group_baseline
+    skip_equal_groups: bool = False  # with group_baseline and no value function: drop the prompts whose answers all
+    # scored alike before the log-prob forwards and the update (their baselined scores are 0; only the KL penalty
+    # would train them), as GRPO does; one process only (under torchrun every rank keeps all its rows)
 
 
 class ValueHead(nn.Module):

@@ -45,7 +45,7 @@ def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
     torchrun(ROOT / "recipes" / "ppo.py",
              [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
               "init_adapter=", "reward.function=helpers:share_of_letter_a", "lora.r=4", "ppo.samples_per_prompt=1",
-              "ppo.group_baseline=false", "ppo.use_value=true", "ppo.rollout_batch=8", "ppo.mini_batch=4",
+              "ppo.group_baseline=false", "ppo.skip_equal_groups=false", "gen.greedy_member=false", "ppo.use_value=true", "ppo.rollout_batch=8", "ppo.mini_batch=4",
               "ppo.ppo_epochs=1", "gen.min_new_tokens=4", "gen.max_new_tokens=4", "sample_every=0", "run.max_steps=2",
               "run.save_every=1", "optim.lr=1e-2", f"run.parallel={parallel}", f"run.output_dir={out}"])
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "vf_loss" in r]

@@ -144,6 +144,7 @@ def toy_ppo_effect(toy_folder, out: Path, path: str, lr: float) -> tuple[float, 
     mode = {"trl": ["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "ppo.value_detach=false",
                     "ppo.use_value=true"],
             "rloo": ["ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false"]}[path]
+    mode += ["ppo.skip_equal_groups=false", "gen.greedy_member=false", "gen.temperature=1.0"]  # as calibrated
     effects, runs = [], []
     for seed in TOY_SEEDS:
         args = mode + [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
@@ -198,7 +199,7 @@ def test_without_a_value_function_the_head_is_untouched_and_advantages_are_retur
     monkeypatch.setattr(ppo_lib, "gae", lambda r, v, m, g, lam: seen.append((r, v, m, lam)) or real_gae(r, v, m, g, lam))
     args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=2", "run.save_every=2", "ppo.rollout_batch=8", "ppo.mini_batch=4", "ppo.samples_per_prompt=4",
-            "ppo.group_baseline=true", "ppo.use_value=false", "ppo.lam=0.5", "gen.min_new_tokens=4",
+            "ppo.group_baseline=true", "ppo.use_value=false", "ppo.skip_equal_groups=false", "ppo.lam=0.5", "gen.min_new_tokens=4",
             "gen.max_new_tokens=4", "init_adapter=", "optim.lr=1e-2", "reward.function=helpers:share_of_letter_a",
             f"run.output_dir={tmp_path / 'o'}"]
     out = ppo.train(parse_cli(ppo.PPOConfig, args))
@@ -216,13 +217,53 @@ def test_without_a_value_function_the_head_is_untouched_and_advantages_are_retur
         assert h["gen_share"] + h["score_share"] + h["update_share"] == pytest.approx(1.0)
 
 
+def test_skip_equal_groups_trains_only_prompts_whose_answers_differ(toy_folder, tmp_path, monkeypatch):
+    # ppo.skip_equal_groups: the log-prob forwards and the update see only the prompts whose 4 answers
+    # scored differently; with a reward that scores everything alike nothing trains and the adapter stays
+    from safetensors.torch import load_file
+
+    folder, prompts = toy_folder
+    ppo = load_recipe("ppo")
+    seen = []
+    real_scores, real_traj = ppo.scores_for, ppo.trajectory
+
+    def scores_for(*a):
+        out = real_scores(*a)
+        seen.append(("scores", out[0]))
+        return out
+
+    monkeypatch.setattr(ppo, "scores_for", scores_for)
+    monkeypatch.setattr(ppo, "trajectory", lambda p, r, seq, *a, **kw: seen.append(("rows", len(seq))) or
+                        real_traj(p, r, seq, *a, **kw))
+    base = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+            "run.save_every=3", "ppo.rollout_batch=16", "ppo.mini_batch=8", "ppo.samples_per_prompt=4",
+            "ppo.group_baseline=true", "ppo.use_value=false", "ppo.skip_equal_groups=true", "gen.min_new_tokens=3",
+            "gen.max_new_tokens=3", "init_adapter=", "optim.lr=1e-2", "held_out.prompts=0", "run.max_steps=3"]
+    out = ppo.train(parse_cli(ppo.PPOConfig, base + ["reward.function=helpers:share_of_letter_a",
+                                                     f"run.output_dir={tmp_path / 'a'}"]))
+    checked = 0
+    for scores, h in zip([v for k, v in seen if k == "scores"], out["history"], strict=True):
+        g = scores.view(-1, 4)
+        informative = int((g != g[:, :1]).any(1).sum())
+        assert h["trained_rows"] == 4 * informative and h["signal_share"] == informative / 4
+        checked += informative
+    assert [v for k, v in seen if k == "rows"] == [h["trained_rows"] for h in out["history"] if h["trained_rows"]]
+    assert checked > 0  # the toy reward's answers differ often: something was trained
+    seen.clear()
+    out = ppo.train(parse_cli(ppo.PPOConfig, base + ["reward.function=helpers:constant_reward",
+                                                     f"run.output_dir={tmp_path / 'c'}"]))
+    assert [h["trained_rows"] for h in out["history"]] == [0, 0, 0] and not any(k == "rows" for k, _ in seen)
+    weights = load_file(Path(out["last_checkpoint"]) / "adapter" / "adapter_model.safetensors")
+    assert all(v.eq(0).all() for k, v in weights.items() if "lora_B" in k)  # never updated from its zero init
+
+
 def test_reward_function_errors_are_named(toy_folder, tmp_path):
     from minitune import MinituneError
 
     folder, prompts = toy_folder
     ppo = load_recipe("ppo")
     base = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
-            "run.max_steps=1", "ppo.rollout_batch=4", "ppo.mini_batch=4", "gen.min_new_tokens=2",
+            "run.max_steps=1", "ppo.rollout_batch=4", "ppo.samples_per_prompt=4", "ppo.mini_batch=4", "gen.min_new_tokens=2",
             "gen.max_new_tokens=2", "init_adapter=", "held_out.prompts=0"]  # the rollout's scoring, not the held-out check's
     for fn, msg in [("helpers:reward_raises", "raised ValueError"), ("helpers:reward_nan", "non-finite"),
                     ("helpers:reward_wrong_shape", "returned 1 scores for 4 responses"),
@@ -238,8 +279,14 @@ def test_group_settings_are_checked_before_loading(tmp_path):
     bad = [(["ppo.rollout_batch=10", "ppo.samples_per_prompt=4"], "multiple of ppo.samples_per_prompt"),
            (["ppo.samples_per_prompt=1", "ppo.group_baseline=true"], "samples_per_prompt to 2 or more"),
            (["ppo.rollout_batch=16", "ppo.samples_per_prompt=4", "ppo.mini_batch=6"], "mini_batch .6. must be a positive multiple"),
-           (["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "gen.greedy_member=true"], "gen.greedy_member makes"),
-           (["ppo.init_kl_coef=0.1", "ppo.kl_coef_min=0.2"], "kl_coef_min .0.2. must lie in")]
+           (["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "gen.greedy_member=true",
+             "ppo.skip_equal_groups=false"], "but gen.greedy_member compare"),
+           (["ppo.samples_per_prompt=1"], "but gen.greedy_member, ppo.group_baseline, ppo.skip_equal_groups compare a "
+            "prompt's answers: set ppo.samples_per_prompt to 2 or more, or gen.greedy_member=false "
+            "ppo.group_baseline=false ppo.skip_equal_groups=false"),
+           (["ppo.init_kl_coef=0.1", "ppo.kl_coef_min=0.2"], "kl_coef_min .0.2. must lie in"),
+           (["ppo.skip_equal_groups=true", "ppo.samples_per_prompt=4", "ppo.group_baseline=true",
+             "ppo.use_value=true"], "skip_equal_groups drops prompts")]
     for args, msg in bad:
         with pytest.raises(MinituneError, match=msg):  # model.path does not exist: the check comes first
             ppo.train(parse_cli(ppo.PPOConfig, args + [f"model.path={tmp_path / 'none'}",
@@ -276,13 +323,13 @@ def test_greedy_member_gives_ppo_the_greedy_answer_first(toy_folder, tmp_path, m
     ppo = load_recipe("ppo")
     seen = []
     real = ppo.make_trajectory
-    monkeypatch.setattr(ppo, "make_trajectory", lambda cfg, ro, *a: seen.append(ro) or real(cfg, ro, *a))
+    monkeypatch.setattr(ppo, "make_trajectory", lambda cfg, ro, *a, **kw: seen.append(ro) or real(cfg, ro, *a, **kw))
     args = [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
             "run.max_steps=1", "ppo.rollout_batch=8", "ppo.mini_batch=8", "ppo.samples_per_prompt=4",
             "ppo.group_baseline=true", "ppo.use_value=false", "gen.min_new_tokens=6", "gen.max_new_tokens=6",
             "init_adapter=", "held_out.prompts=0", "reward.function=helpers:share_of_letter_a"]
     ppo.train(parse_cli(ppo.PPOConfig, args + ["gen.greedy_member=true", f"run.output_dir={tmp_path / 'g'}"]))
-    ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 's'}"]))
+    ppo.train(parse_cli(ppo.PPOConfig, args + ["gen.greedy_member=false", f"run.output_dir={tmp_path / 's'}"]))
     with_greedy, plain = seen
     k = 4
     model, tok = load_model(folder).eval(), load_tokenizer(folder)
