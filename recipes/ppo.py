@@ -113,7 +113,8 @@ def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, reference, reward_head,
 def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory | None, raw, non_score, mb_stats: list[PPOStats],
                skipped: int, kl_mean: float, kl_coef: float, seconds: tuple[float, float, float], signal: float) -> dict:
     """The step's metrics: scores, KL, losses, clip fractions, lengths, and where the time went. KL,
-    losses and the non-score reward cover the rows trained on (all, unless ppo.skip_equal_groups)."""
+    losses and the non-score reward cover the rows trained on (all, unless ppo.skip_equal_groups); a
+    metric with no value this step (no row trained, or no value function) is left out."""
     B, (t_gen, t_score, t_train) = len(ro.responses), seconds
     nan = float("nan")
     mean = lambda name: torch.stack([getattr(s, name) for s in mb_stats]).mean().item() if mb_stats else float("nan")  # noqa: E731
@@ -139,7 +140,10 @@ def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory | None, raw, non_sc
     }
     if ro.references[0] is not None:
         stats["accuracy"] = sum(is_correct(r, ref) for r, ref in zip(ro.responses, ro.references)) / B
-    return stats
+    if not cfg.ppo.use_value:  # no value function: its loss and fit would describe zeros
+        for name in ("vf_loss", "vf_clipfrac", "explained_variance"):
+            del stats[name]
+    return {k: v for k, v in stats.items() if v == v}  # a NaN (nothing trained this step) is left out, not logged
 
 
 def check_config(cfg: PPOConfig) -> None:

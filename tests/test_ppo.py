@@ -213,6 +213,7 @@ def test_without_a_value_function_the_head_is_untouched_and_advantages_are_retur
     assert any("v_head" in k for k in heads)
     # the step's time split is logged: generation, scoring, update, and their shares
     for h in out["history"]:
+        assert "vf_loss" not in h and "explained_variance" not in h  # no value function, nothing to report
         assert min(h["gen_s"], h["score_s"], h["update_s"]) > 0
         assert h["gen_share"] + h["score_share"] + h["update_share"] == pytest.approx(1.0)
 
@@ -253,6 +254,7 @@ def test_skip_equal_groups_trains_only_prompts_whose_answers_differ(toy_folder, 
     out = ppo.train(parse_cli(ppo.PPOConfig, base + ["reward.function=helpers:constant_reward",
                                                      f"run.output_dir={tmp_path / 'c'}"]))
     assert [h["trained_rows"] for h in out["history"]] == [0, 0, 0] and not any(k == "rows" for k, _ in seen)
+    assert not any("kl" in h or "pg_loss" in h for h in out["history"])  # nothing measured: left out, not NaN
     weights = load_file(Path(out["last_checkpoint"]) / "adapter" / "adapter_model.safetensors")
     assert all(v.eq(0).all() for k, v in weights.items() if "lora_B" in k)  # never updated from its zero init
 
