@@ -53,6 +53,12 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def cleanup(*wrapped: nn.Module) -> None:
     """Ends the process group. Pass the DDP-wrapped models: their reducers are released first, while
     every rank is still here. A reducer freed after `destroy_process_group` holds the last reference

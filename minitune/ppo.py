@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minitune.distributed import all_reduce_max
 from minitune.errors import MinituneError
 from minitune.data.shared_prompt import groups_from_rows, layout_groups
 
@@ -105,7 +106,8 @@ class PPOSettings:
     # to the end, discounted by gamma; lam unused): REINFORCE, or RLOO with group_baseline
     skip_equal_groups: bool = False  # with group_baseline and no value function: drop the prompts whose answers all
     # scored alike before the log-prob forwards and the update (their baselined scores are 0; only the KL penalty
-    # would train them), as GRPO does; one process only (under torchrun every rank keeps all its rows)
+    # would train them), as GRPO does. Under torchrun every rank keeps as many prompts as the rank with the most
+    # signal (topped up with its own skipped ones), so all run the same forwards and optimizer steps
 
 
 class ValueHead(nn.Module):
@@ -326,8 +328,10 @@ def ppo_update(model, traj: Trajectory, opt, c: PPOSettings, *, temperature: flo
             pg_loss, vf_loss, st = ppo_losses(logp, mb.logprobs, values, mb.values, mb.advantages, mb.returns,
                                               mb.response_mask, cliprange=c.cliprange,
                                               cliprange_value=c.cliprange_value, entropy=ent)
-            if st.ratio_mean.item() > c.ratio_threshold:
-                skipped += 1  # a stale or broken minibatch: its update would be huge
+            # a stale or broken minibatch (its update would be huge) is skipped on every rank if on one: under
+            # DDP a rank that skipped its backward would leave the others waiting in theirs
+            if all_reduce_max((st.ratio_mean > c.ratio_threshold).float()).item():
+                skipped += 1
                 opt.zero_grad(set_to_none=True)
                 continue
             loss = pg_loss + c.vf_coef * vf_loss if c.use_value else pg_loss

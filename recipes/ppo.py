@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitune.data.synthetic import is_correct
-from minitune.distributed import all_reduce_sum, unwrap
+from minitune.distributed import all_reduce_max, all_reduce_sum, unwrap
 from minitune.errors import MinituneError
 from minitune.grpo import informative_groups
 from minitune.lora import LoRAConfig, base_parameter_bytes, set_adapter
@@ -92,14 +92,19 @@ def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, reference, reward_head,
     """(trajectory, raw scores [B], non-score rewards, signal share) of a rollout: scored (2), then
     log-probs, values, per-token rewards and advantages (3-5, `minitune.ppo.trajectory`), without
     grad, eval mode. With `skip`, only the prompts whose answers' scores differ go on (None when no
-    prompt's do); the signal share is the fraction of prompts that do."""
+    prompt's do on any rank); under torchrun each rank tops its prompts up with skipped ones to the
+    count of the rank with the most, so every rank runs the same forwards and optimizer steps. The
+    signal share is the fraction of this rank's prompts whose answers' scores differ."""
     policy.eval()
     with torch.no_grad():
         scores, raw = scores_for(cfg, ro, policy, reward_head, reward_fn, moments, device)
     k = cfg.ppo.samples_per_prompt
-    keep = informative_groups(scores, k) if k > 1 else torch.ones(len(raw), dtype=torch.bool)
+    signal = informative_groups(scores, k).cpu() if k > 1 else torch.ones(len(raw), dtype=torch.bool)
     rows = torch.arange(len(raw))
     if skip:
+        keep = signal.clone()
+        most = int(all_reduce_max(keep.sum().to(device)).item())
+        keep[(~keep).nonzero().flatten()[: most - int(keep.sum())]] = True
         rows = (keep.nonzero().flatten()[:, None] * k + torch.arange(k)).flatten()
         if len(rows) == 0:
             return None, raw, None, 0.0
@@ -107,7 +112,7 @@ def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, reference, reward_head,
     traj, non_score = trajectory(policy, reference, ro.gen.sequences[rows], ro.attention_mask[rows], ro.gen.mask[rows],
                                  scores[rows.to(scores.device)], cfg.ppo, temperature=cfg.gen.temperature,
                                  kl_coef=kl_coef)
-    return traj, raw, non_score, keep.float().mean().item()
+    return traj, raw, non_score, signal.float().mean().item()
 
 
 def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory | None, raw, non_score, mb_stats: list[PPOStats],
@@ -211,9 +216,6 @@ def train(cfg: PPOConfig) -> dict:
     last_ckpt, history = resume, []
     rng = random.Random(cfg.run.seed + 7919 * info.rank + step)
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "ppo")
-    skip = cfg.ppo.skip_equal_groups and info.world_size == 1  # ranks must run the same number of minibatches
-    if cfg.ppo.skip_equal_groups and not skip and info.is_main:
-        print("ppo.skip_equal_groups: off under torchrun (every rank trains all its rows)")
     policy = unwrap(model)
     held_out = HeldOutEval(policy, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir,
                            log=log, is_main=info.is_main, device=device, reference=reference)
@@ -231,7 +233,7 @@ def train(cfg: PPOConfig) -> dict:
                                 system=prompts_system(cfg.data), device=device)
             # 2-5. Scores, policy/reference log-probs and values, per-token rewards, advantages.
             traj, raw, non_score, signal = make_trajectory(cfg, ro, policy, reference, reward_head, reward_fn, moments,
-                                                           kl_ctl.value, device, skip=skip)
+                                                           kl_ctl.value, device, skip=cfg.ppo.skip_equal_groups)
             # 6. PPO epochs over shuffled minibatches: clipped policy and value losses.
             t1 = time.perf_counter()
             mb_stats, skipped = ppo_update(model, traj, opt, cfg.ppo, temperature=cfg.gen.temperature,

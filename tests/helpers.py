@@ -90,6 +90,17 @@ def constant_reward(responses, references):
     return [0.5] * len(responses)
 
 
+def first_group_differs_on_rank0(responses, references):
+    """Under torchrun with 4 answers per prompt: on rank 0 the first prompt's answers score 0, 1, 2, 3 and every
+    other answer 0; on the other ranks every answer 0. With ppo.skip_equal_groups rank 0 keeps one prompt
+    and the others none, unless they are topped up to rank 0's count."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return [0.0] * len(responses)
+    return [float(i) if i < 4 else 0.0 for i in range(len(responses))]
+
+
 def torchrun(script, args, nproc=2, timeout=600):
     """Runs `script` (a recipe or a test script) under torchrun with `nproc` CPU ranks (gloo);
     fails with the output's tail when any rank fails."""

@@ -55,3 +55,22 @@ def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
     w = "base_model.model.v_head.summary.weight"
     assert torch.isfinite(last[w]).all() and last[w].abs().sum() > 0  # the zero-initialized value head learned
     assert not torch.equal(first[w], last[w])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_ppo_skip_equal_groups_under_torchrun_keeps_ranks_in_step(toy_folder, tmp_path, parallel):
+    # rank 0 has one prompt with signal, rank 1 none: rank 1 tops up with one of its skipped prompts, so both
+    # run the same forwards and optimizer steps (without the top-up rank 0 waits in its backward forever)
+    folder, prompts = toy_folder
+    out = tmp_path / parallel
+    torchrun(ROOT / "recipes" / "ppo.py",
+             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+              "init_adapter=", "reward.function=helpers:first_group_differs_on_rank0", "lora.r=4",
+              "ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false", "ppo.skip_equal_groups=true",
+              "ppo.rollout_batch=8", "ppo.mini_batch=4", "gen.min_new_tokens=4", "gen.max_new_tokens=4",
+              "held_out.prompts=0", "sample_every=0", "run.max_steps=2", "run.save_every=0", "optim.lr=1e-2",
+              f"run.parallel={parallel}", f"run.output_dir={out}"], timeout=300)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "trained_rows" in r]
+    assert [(r["signal_share"], r["trained_rows"]) for r in rows] == [(0.5, 4), (0.5, 4)]
+    assert all(math.isfinite(r["kl"]) and math.isfinite(r["pg_loss"]) for r in rows)
