@@ -276,7 +276,9 @@ def train(cfg: PPOConfig) -> dict:
     if info.is_main and (line := held_out.describe()):
         print(line)
     summary["history"] = history
-    finish_run(model, ctx, summary, adapter=None, base_name=cfg.model.path, print_summary=False)
+    # the policy as a PEFT folder <output_dir>/adapter (with the value head when there is one), as every recipe saves
+    finish_run(model, ctx, summary, adapter="policy", base_name=cfg.model.path, print_summary=False,
+               extra_tensors=value_head.tensors() if cfg.ppo.use_value else None)
     return summary
 
 

@@ -55,6 +55,8 @@ def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
     w = "base_model.model.v_head.summary.weight"
     assert torch.isfinite(last[w]).all() and last[w].abs().sum() > 0  # the zero-initialized value head learned
     assert not torch.equal(first[w], last[w])
+    final = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))  # gathered from both ranks
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
 
 
 @pytest.mark.slow

@@ -211,6 +211,11 @@ def test_without_a_value_function_the_head_is_untouched_and_advantages_are_retur
     heads = load_file(Path(out["last_checkpoint"]) / "adapter" / "adapter_model.safetensors")
     assert all(v.eq(0).all() for k, v in heads.items() if "v_head" in k)  # the value head was never trained
     assert any("v_head" in k for k in heads)
+    # the run's result as a PEFT folder, as every recipe saves it: the last checkpoint's policy, no value head
+    final = load_file(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == {k for k in heads if "v_head" not in k} and any("lora_B" in k for k in final)
+    assert all(torch.equal(final[k], heads[k]) for k in final)
+    assert any(final[k].abs().sum() > 0 for k in final if "lora_B" in k)  # trained at lr 1e-2
     # the step's time split is logged: generation, scoring, update, and their shares
     for h in out["history"]:
         assert "vf_loss" not in h and "explained_variance" not in h  # no value function, nothing to report
