@@ -264,6 +264,39 @@ def test_skip_equal_groups_trains_only_prompts_whose_answers_differ(toy_folder, 
     assert all(v.eq(0).all() for k, v in weights.items() if "lora_B" in k)  # never updated from its zero init
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("path", ["trl", "rloo"])
+def test_resume_equals_the_uninterrupted_run(toy_folder, tmp_path, path):
+    # 4 steps in one go, and steps 3-4 again from the step-2 checkpoint in another folder: the same rollout
+    # scores, KL and losses, and the same final adapter (policy, value head, optimizer, KL controller, score
+    # moments, prompt cursor and the sampler's random state all come back)
+    from safetensors.torch import load_file
+    from minitune.train.metrics import read_metrics
+
+    folder, prompts = toy_folder
+    ppo = load_recipe("ppo")
+    mode = {"trl": ["ppo.samples_per_prompt=1", "ppo.group_baseline=false", "ppo.use_value=true",
+                    "ppo.skip_equal_groups=false", "gen.greedy_member=false", "ppo.adaptive_kl=true",
+                    "ppo.ppo_epochs=2"],
+            "rloo": ["ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false",
+                     "ppo.skip_equal_groups=true", "ppo.score_norm=true"]}[path]
+    args = mode + [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+                   "init_adapter=", "reward.function=helpers:share_of_letter_a", "lora.r=4", "ppo.rollout_batch=8",
+                   "ppo.mini_batch=4", "gen.min_new_tokens=3", "gen.max_new_tokens=6", "held_out.prompts=0",
+                   "sample_every=0", "run.max_steps=4", "run.save_every=2", "optim.lr=1e-2"]
+    ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 'a'}"]))
+    ppo.train(parse_cli(ppo.PPOConfig, args + [f"run.output_dir={tmp_path / 'b'}",
+                                               f"run.resume={tmp_path / 'a' / 'checkpoints' / 'step_00000002'}"]))
+    keys = ("score_mean", "kl", "pg_loss", "kl_coef", "response_length")
+    rows = {r: [{k: m.get(k) for k in keys} for m in read_metrics(tmp_path / r / "metrics.jsonl") if "score_mean" in m]
+            for r in "ab"}
+    assert len(rows["a"]) == 4 and len(rows["b"]) == 2
+    for x, y in zip(rows["a"][2:], rows["b"]):
+        assert x.keys() == y.keys() and all(y[k] == pytest.approx(x[k], abs=1e-6) for k in x), (x, y)
+    wa, wb = (load_file(tmp_path / r / "adapter" / "adapter_model.safetensors") for r in "ab")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
 def test_reward_function_errors_are_named(toy_folder, tmp_path):
     from minitune import MinituneError
 
