@@ -38,7 +38,7 @@ from minitune.train.setup import (attach_policy, build_base, finish_model, finis
                                   resolve_init_adapter, restore_adapter, restore_state, save_state, start_run)
 from minitune.train.control import StopSignal, check_finite
 from minitune.train.optim import build_optimizer
-from minitune.train.rng import seed_everything
+from minitune.train.rng import random_state, seed_everything, set_random_state
 
 
 @dataclass
@@ -216,7 +216,7 @@ def train(cfg: PPOConfig) -> dict:
     last_ckpt, history = resume, []
     rng = random.Random(cfg.run.seed + 7919 * info.rank + step)  # the sampler's lengths and the minibatch order
     if resume is not None and "sampler" in data_state:  # where the uninterrupted run's was (checkpoints since 2026-11-30)
-        rng.setstate(_as_tuple(data_state["sampler"]))
+        set_random_state(rng, data_state["sampler"])
     bar = progress_bar(cfg.run.max_steps, step, info, cfg.run, "ppo")
     policy = unwrap(model)
     held_out = HeldOutEval(policy, tok, split, cfg, reward_head=reward_head, reward_fn=reward_fn, out_dir=out_dir,
@@ -264,7 +264,7 @@ def train(cfg: PPOConfig) -> dict:
             stopping = stop.requested is not None
             if should_save(cfg.run, step, cfg.run.max_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="policy", optimizer=opt, scheduler=None,
-                                       data_state={"cursor": cursor, "sampler": rng.getstate()}, info=info, head_tensors=value_head.tensors(),
+                                       data_state={"cursor": cursor, "sampler": random_state(rng)}, info=info, head_tensors=value_head.tensors(),
                                        base_name=cfg.model.path,
                                        extras={"kl_ctl": kl_ctl.state_dict(), "moments": vars(moments)})
             if stopping:
@@ -282,11 +282,6 @@ def train(cfg: PPOConfig) -> dict:
     finish_run(model, ctx, summary, adapter="policy", base_name=cfg.model.path, print_summary=False,
                extra_tensors=value_head.tensors() if cfg.ppo.use_value else None)
     return summary
-
-
-def _as_tuple(state):
-    """random.Random.setstate wants tuples where a checkpoint may give lists back."""
-    return tuple(_as_tuple(x) for x in state) if isinstance(state, (list, tuple)) else state
 
 
 def main(argv=None) -> int:

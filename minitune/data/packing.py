@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from minitune.data.formats import Document
 from minitune.errors import MinituneError
+from minitune.train.rng import random_state, set_random_state
 
 IGNORE = -100
 
@@ -119,14 +120,14 @@ class ConstantLengthDataset(IterableDataset):
         self._resume = None
         rng = random.Random(self.seed * 1000003 + shard)
         if st["rng"] is not None:
-            rng.setstate(_to_tuple(st["rng"]))
+            set_random_state(rng, st["rng"])
         ids, ok, pos, shuffle = list(st["ids"]), list(st["labels_ok"]), list(st["pos"]), [tuple(b) for b in st["shuffle"]]
         epoch, next_row = st["epoch"], st["next_row"]
 
         def snapshot():
             self._state = {"epoch": epoch, "next_row": next_row, "ids": list(ids), "labels_ok": list(ok),
                            "pos": list(pos), "shuffle": [list(map(list, b)) for b in shuffle],
-                           "rng": _to_list(rng.getstate())}
+                           "rng": random_state(rng)}
 
         def emit(block):
             if self.shuffle_buffer <= 0:
@@ -217,11 +218,3 @@ def no_tokens_error(rows: int, formatter, shard: int = 0, nshards: int = 1) -> M
 def _tensors(block) -> dict[str, torch.Tensor]:
     ids, labels, pos = block
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos)}
-
-
-def _to_list(x):
-    return [_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _to_tuple(x):
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (tuple, list)) else x

@@ -26,6 +26,25 @@ def _flatten(py_state):
     return [version, *internal, gauss]
 
 
+def random_state(rng: random.Random) -> list:
+    """A `random.Random`'s state as nested lists: plain values that a checkpoint read with
+    `weights_only=True` gives back."""
+    return _to_list(rng.getstate())
+
+
+def set_random_state(rng: random.Random, state) -> None:
+    """The inverse of `random_state` (also takes the tuples of `getstate()`): `setstate` wants tuples."""
+    rng.setstate(_to_tuple(state))
+
+
+def _to_list(x):
+    return [_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (tuple, list)) else x
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
