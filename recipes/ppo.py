@@ -100,17 +100,16 @@ def make_trajectory(cfg: PPOConfig, ro: Rollout, policy, reference, reward_head,
         scores, raw = scores_for(cfg, ro, policy, reward_head, reward_fn, moments, device)
     k = cfg.ppo.samples_per_prompt
     signal = informative_groups(scores, k).cpu() if k > 1 else torch.ones(len(raw), dtype=torch.bool)
-    rows = torch.arange(len(raw))
+    seq, mask, rmask = ro.gen.sequences, ro.attention_mask, ro.gen.mask
     if skip:
         keep = signal.clone()
         most = int(all_reduce_max(keep.sum().to(device)).item())
         keep[(~keep).nonzero().flatten()[: most - int(keep.sum())]] = True
-        rows = (keep.nonzero().flatten()[:, None] * k + torch.arange(k)).flatten()
-        if len(rows) == 0:
+        if most == 0:
             return None, raw, None, 0.0
-    rows = rows.to(ro.gen.sequences.device)
-    traj, non_score = trajectory(policy, reference, ro.gen.sequences[rows], ro.attention_mask[rows], ro.gen.mask[rows],
-                                 scores[rows.to(scores.device)], cfg.ppo, temperature=cfg.gen.temperature,
+        rows = (keep.nonzero().flatten()[:, None] * k + torch.arange(k)).flatten().to(seq.device)
+        seq, mask, rmask, scores = seq[rows], mask[rows], rmask[rows], scores[rows.to(scores.device)]
+    traj, non_score = trajectory(policy, reference, seq, mask, rmask, scores, cfg.ppo, temperature=cfg.gen.temperature,
                                  kl_coef=kl_coef)
     return traj, raw, non_score, signal.float().mean().item()
 

@@ -37,17 +37,23 @@ def test_reward_recipe_under_torchrun(demo_dir, tmp_path, parallel):
     assert not torch.equal(head, ckpt["base_model.model.score.weight"])  # the head trained on the last step
 
 
+def ppo_under_torchrun(toy_folder, out, parallel, *args, timeout=600):
+    """recipes/ppo.py on 2 CPU ranks with the toy model: 2 steps of 8 answers, 4-token answers, then `args`."""
+    folder, prompts = toy_folder
+    torchrun(ROOT / "recipes" / "ppo.py",
+             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+              "init_adapter=", "lora.r=4", "ppo.rollout_batch=8", "ppo.mini_batch=4", "gen.min_new_tokens=4",
+              "gen.max_new_tokens=4", "sample_every=0", "run.max_steps=2", "optim.lr=1e-2", f"run.parallel={parallel}",
+              f"run.output_dir={out}", *args], timeout=timeout)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
-    folder, prompts = toy_folder
     out = tmp_path / parallel
-    torchrun(ROOT / "recipes" / "ppo.py",
-             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
-              "init_adapter=", "reward.function=helpers:share_of_letter_a", "lora.r=4", "ppo.samples_per_prompt=1",
-              "ppo.group_baseline=false", "ppo.skip_equal_groups=false", "gen.greedy_member=false", "ppo.use_value=true", "ppo.rollout_batch=8", "ppo.mini_batch=4",
-              "ppo.ppo_epochs=1", "gen.min_new_tokens=4", "gen.max_new_tokens=4", "sample_every=0", "run.max_steps=2",
-              "run.save_every=1", "optim.lr=1e-2", f"run.parallel={parallel}", f"run.output_dir={out}"])
+    ppo_under_torchrun(toy_folder, out, parallel, "reward.function=helpers:share_of_letter_a", "ppo.samples_per_prompt=1",
+                       "ppo.group_baseline=false", "ppo.skip_equal_groups=false", "gen.greedy_member=false",
+                       "ppo.use_value=true", "ppo.ppo_epochs=1", "run.save_every=1")
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "vf_loss" in r]
     assert len(rows) == 2 and all(math.isfinite(r["vf_loss"]) for r in rows)
     first, last = (dict(iter_safetensors(out / "checkpoints" / f"step_0000000{s}" / "adapter" / "adapter_model.safetensors"))
@@ -64,15 +70,10 @@ def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
 def test_ppo_skip_equal_groups_under_torchrun_keeps_ranks_in_step(toy_folder, tmp_path, parallel):
     # rank 0 has one prompt with signal, rank 1 none: rank 1 tops up with one of its skipped prompts, so both
     # run the same forwards and optimizer steps (without the top-up rank 0 waits in its backward forever)
-    folder, prompts = toy_folder
     out = tmp_path / parallel
-    torchrun(ROOT / "recipes" / "ppo.py",
-             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
-              "init_adapter=", "reward.function=helpers:first_group_differs_on_rank0", "lora.r=4",
-              "ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false", "ppo.skip_equal_groups=true",
-              "ppo.rollout_batch=8", "ppo.mini_batch=4", "gen.min_new_tokens=4", "gen.max_new_tokens=4",
-              "held_out.prompts=0", "sample_every=0", "run.max_steps=2", "run.save_every=0", "optim.lr=1e-2",
-              f"run.parallel={parallel}", f"run.output_dir={out}"], timeout=300)
+    ppo_under_torchrun(toy_folder, out, parallel, "reward.function=helpers:first_group_differs_on_rank0",
+                       "ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false",
+                       "ppo.skip_equal_groups=true", "held_out.prompts=0", "run.save_every=0", timeout=300)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "trained_rows" in r]
     assert [(r["signal_share"], r["trained_rows"]) for r in rows] == [(0.5, 4), (0.5, 4)]
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["pg_loss"]) for r in rows)
