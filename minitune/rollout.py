@@ -15,9 +15,9 @@ from minitune.data.preference import hh_messages, split_hh
 from minitune.data.prompts import encode_prompts, prompt_rendering
 from minitune.data.synthetic import SYSTEM, train_eval_split
 from minitune.errors import MinituneError
-from minitune.generate import GenerationOutput, generate, left_pad, positions_from_mask
+from minitune.generate import GenerationOutput, generate, left_pad
 from minitune.lora import use_adapter
-from minitune.ppo import check_scores, logprobs_from_logits, policy_forward
+from minitune.ppo import check_scores, policy_forward
 from minitune.reward import RewardHead, check_rendering, sequence_rewards
 from minitune.tokenizer import Tokenizer
 from minitune.train.sections import GenSection, RewardSource

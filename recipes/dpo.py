@@ -22,7 +22,7 @@ import torch
 
 from minitune.data.shared_prompt import SharedLayout, layout_pairs, tokenize_shared_pair
 from minitune.data.own_mistakes import own_mistake_pairs
-from minitune.data.preference import PairStats, load_preference_pairs, pair_batches
+from minitune.data.preference import load_preference_pairs, pair_batches
 from minitune.data.synthetic import train_eval_split
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.dpo import DPOLossType, dpo_loss, response_logprobs

@@ -1,7 +1,6 @@
 """The RL recipes' prompt split, stop strings and held-out evaluation (minitune.rl_eval)."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
