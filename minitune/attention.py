@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend
 
 from minitune.errors import MinituneError
 
@@ -110,8 +111,8 @@ def _block_mask(position_ids: torch.Tensor):
 
 
 class DocumentMask(NamedTuple):
-    """The dense mask of packed documents without padding (training on packed blocks): GQA can go
-    through SDPA's `enable_gqa` here, as on the unmasked path."""
+    """The dense mask of packed documents without padding (training on packed blocks): GQA goes through
+    `sdpa` here, as on the unmasked path."""
 
     mask: torch.Tensor
 
@@ -165,23 +166,61 @@ def _flex_compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
+@functools.cache
+def _gqa_in_kernel(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, causal: bool, grad: bool) -> bool:
+    dev = torch.device(device_type)
+    q = torch.zeros(1, 2, 4, head_dim, device=dev, dtype=dtype, requires_grad=grad)
+    kv = torch.zeros(1, 1, 4, head_dim, device=dev, dtype=dtype)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=dev) if masked else None
+    try:
+        choose = torch._fused_sdp_choice  # what SDPA dispatches to for these inputs
+        grouped = choose(q, kv, kv, attn_mask=mask, is_causal=causal and not masked, enable_gqa=True)
+        repeated = choose(q, kv.expand(1, 2, 4, head_dim), kv.expand(1, 2, 4, head_dim), attn_mask=mask,
+                          is_causal=causal and not masked)
+    except Exception:  # no such op in this build, or no such device here (a plan for a GPU made on a CPU)
+        return True
+    math = int(SDPBackend.MATH)
+    return grouped != math or repeated == math
+
+
+@torch.compiler.assume_constant_result  # decided once per kind of call, also inside a compiled layer
+def gqa_in_kernel(device_type: str, dtype: torch.dtype, head_dim: int, masked: bool, causal: bool, grad: bool) -> bool:
+    """Whether SDPA takes grouped K/V (`enable_gqa`) in a fused kernel for such a call. Where none does, SDPA
+    falls back to its math kernel, which materializes the [B, nh, T, S] scores (and keeps them for the
+    backward): on CPU before torch 2.9 (the flash kernel learnt GQA in pytorch#157893), and on CUDA wherever
+    flash attention cannot run (a mask, fp32) in the torch versions whose memory-efficient kernel lacks GQA.
+    There K/V repeated to every query head keep the fused kernel: O(T) more memory instead of O(T^2)."""
+    return _gqa_in_kernel(device_type, dtype, head_dim, masked, causal, grad)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` of q [B, nh, T, hd] over k/v [B, nkv, S, hd]: each kv head serves
+    nh // nkv query heads inside the kernel (no repeated copy of K/V, which autograd would also keep) where a
+    fused kernel takes that, else K/V repeated first (see `gqa_in_kernel`)."""
+    if q.shape[1] == k.shape[1]:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    if gqa_in_kernel(q.device.type, q.dtype, q.shape[-1], attn_mask is not None, is_causal, q.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+                                          attn_mask=attn_mask, is_causal=is_causal)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """q [B, nh, T, hd], k/v [B, nkv, S, hd] -> [B, nh, T, hd] under `mask` (see `plan`)."""
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, Segments):
         return _attend_segments(q, k, v, mask)
     if isinstance(mask, DocumentMask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, enable_gqa=gqa)
+        return sdpa(q, k, v, attn_mask=mask.mask)
     if mask is not None and not torch.is_tensor(mask):  # a flex BlockMask
         from torch.nn.attention.flex_attention import flex_attention
 
         fn = _flex_compiled() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
         return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
     if mask is None:
-        # GQA inside SDPA: each kv head serves n_head // n_kv query heads without a repeated copy of
-        # K/V (which autograd would also keep for the backward).
-        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1 and k.shape[2] == q.shape[2],
-                                              enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=q.shape[2] > 1 and k.shape[2] == q.shape[2])
     if gqa:
         # Under a padding mask (reward, DPO, PPO, prefill) K/V are repeated, as the published RL results were
         # computed: SDPA's own GQA backward sums the group's gradients in another order, and RL
@@ -193,7 +232,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 
 @torch.compiler.disable  # lengths are data: a compiled layer calls this eagerly instead of recompiling
 def _attend_segments(q, k, v, segs: Segments) -> torch.Tensor:
-    gqa = q.shape[1] != k.shape[1]
     rep = q.shape[1] // k.shape[1]
     rows = []
     for b, runs in enumerate(segs.rows):
@@ -202,8 +240,8 @@ def _attend_segments(q, k, v, segs: Segments) -> torch.Tensor:
             if n < 0:  # one-token documents: each attends to itself alone
                 parts.append(v[b:b + 1, :, s:s - n].repeat_interleave(rep, dim=1))
             else:
-                parts.append(F.scaled_dot_product_attention(q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n],
-                                                            v[b:b + 1, :, s:s + n], is_causal=n > 1, enable_gqa=gqa))
+                parts.append(sdpa(q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n], v[b:b + 1, :, s:s + n],
+                                  is_causal=n > 1))
         rows.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 

@@ -52,7 +52,8 @@ def _(x, weight, bias, packed, version, ptr):
 
 @functools.cache
 def available() -> bool:
-    """True when this torch build has oneDNN (mkldnn) and its packed linear works here."""
+    """True when this torch build has oneDNN (mkldnn) and its packed linear works here (not in torch 2.6, whose
+    custom-op wrapper reads the storage of every tensor argument, which oneDNN's opaque tensors do not have)."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:

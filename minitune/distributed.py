@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from minitune.errors import MinituneError
 from minitune.heads import base_model
 
 
@@ -85,6 +86,19 @@ def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
+
+
+def fsdp_runs_on(device: torch.device) -> bool:
+    """FSDP2 records and waits on events of its streams; torch's CPU streams gained those in torch 2.7
+    (pytorch#145935): before, FSDP2 on CPU fails at its first forward."""
+    return device.type != "cpu" or hasattr(torch.cpu.Stream, "record_event")
+
+
+def check_parallel(parallel: str, info: DistInfo) -> None:
+    """Refuses a parallel mode this torch cannot run here, before any model loads."""
+    if parallel == "fsdp" and info.world_size > 1 and not fsdp_runs_on(info.device):
+        raise MinituneError(f"run.parallel=fsdp on CPU needs torch >= 2.7 (this is {torch.__version__}, whose FSDP2 "
+                            "has no CPU support): use run.parallel=ddp, or a newer torch")
 
 
 def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None = None) -> nn.Module:

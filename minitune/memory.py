@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minitune.attention import gqa_in_kernel
 from minitune.errors import MinituneError
 from minitune.lora import ALL_LINEAR, LLAMA_LINEARS, LoRAConfig
 from minitune.model import ModelConfig
@@ -100,6 +101,10 @@ def estimate(c: ModelConfig, p: MemoryPlan) -> dict[str, int]:
     # norm outputs and rsqrt, q (post-RoPE), attention output and its reshaped copy = 6 D; k and v
     # = 2 kvD; gate, up, silu(gate), product = 4 I (compiled: 3 I); the attention's logsumexp (nh)
     # and each LoRA's rank-r intermediate.
+    # Where SDPA has no fused kernel for grouped K/V (`gqa_in_kernel`), k and v are repeated to every query head.
+    if c.num_key_value_heads != c.num_attention_heads and not gqa_in_kernel(p.device, p.dtype, c.head_dim, False,
+                                                                             True, True):
+        kvD = c.num_attention_heads * c.head_dim
     per_layer = (6 * D + 2 * kvD + (3 if p.compiled else 4) * I + c.num_attention_heads + r * len(targets)) * b
     if p.gradient_checkpointing:
         kept = 0 if p.offload and p.device != "cpu" else L * D * b

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minitune.attention import AttentionImpl, attend, plan
+from minitune.attention import AttentionImpl, attend, gqa_in_kernel, plan
 from minitune.errors import MinituneError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -203,7 +203,8 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     as rows of one product (no repeated K/V), softmax in fp32. torch's CPU SDPA runs one bf16/fp16 query
     token 4-8x slower than this (its flash kernel tiles for long queries; measured at 8-256 rows with
     SmolLM2's 9 query / 3 kv heads), so the reduced-precision static decode step on CPU uses it; fp32 keeps
-    SDPA (within 1.5x either way, and the recorded runs' sampled tokens stay what they were)."""
+    SDPA (within 1.5x either way, and the recorded runs' sampled tokens stay what they were) where SDPA has a
+    fused kernel for grouped K/V (`minitune.attention.gqa_in_kernel`), and uses this where it has none."""
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     r = nh // nkv
@@ -233,11 +234,15 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, nkv, S, hd)
         if torch.is_tensor(cache_pos):
             # Static decode over the whole cache: the mask (from the caller) hides unwritten slots,
-            # and SDPA shares each kv head across its query heads without copying K/V.
-            if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            # and SDPA shares each kv head across its query heads without copying K/V; where no fused
+            # kernel would (see `gqa_in_kernel`), two grouped matmuls do, rather than SDPA's math
+            # kernel repeating the whole cache every step.
+            gqa = self.n_kv != self.n_head
+            if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)) or (
+                    gqa and not gqa_in_kernel(q.device.type, q.dtype, self.hd, True, False, q.requires_grad)):
                 y = grouped_decode_attention(q, k, v, mask)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
         y = attend(q, k, v, mask)  # (B, nh, T, hd): causal, dense mask, per document or flex
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))

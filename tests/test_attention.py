@@ -106,3 +106,81 @@ def test_training_through_flex_on_cpu_is_refused_before_the_forward():
     batch = packed_batch()
     with pytest.raises(MinituneError, match="model.attention=flex trains only on CUDA"):
         model(batch["input_ids"], batch["position_ids"])
+
+
+# -- grouped K/V (GQA) through SDPA ----------------------------------------------------------------
+
+
+def _sdpa_calls(monkeypatch):
+    """Records the arguments of every F.scaled_dot_product_attention call made by minitune.attention."""
+    import minitune.attention as att
+
+    calls, real = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(att.F, "scaled_dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_kv_never_sends_sdpa_to_its_math_kernel(monkeypatch, masked):
+    """Whatever this torch's kernels take, `sdpa` hands grouped K/V to a fused kernel (on CPU before torch 2.9
+    `enable_gqa` meant the math kernel, which keeps [B, nh, T, T] scores for the backward), and its output
+    and gradients equal attention over K/V repeated to every head."""
+    from torch.nn.attention import SDPBackend
+
+    from minitune.attention import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 6, 40, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 40, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 40, 16, generator=g, requires_grad=True)
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()[None, None].expand(2, 1, 40, 40) if masked else None
+    calls = _sdpa_calls(monkeypatch)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = sdpa(q, k, v, attn_mask=mask, is_causal=not masked)
+    (args, kwargs), = calls
+    assert torch._fused_sdp_choice(*args, **kwargs) != int(SDPBackend.MATH)
+    assert (2, 6, 40, 40) not in saved, "the T x T scores were kept for the backward"
+    ref_q, ref_k, ref_v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        ref_q, ref_k.repeat_interleave(3, 1), ref_v.repeat_interleave(3, 1), attn_mask=mask, is_causal=not masked)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(out.shape, generator=g)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for a, b in ((q, ref_q), (k, ref_k), (v, ref_v)):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_repeated_kv_path_equals_the_grouped_kernel_in_the_model(monkeypatch):
+    """The model's logits and LoRA gradients, and its static decode, are the same whether SDPA takes grouped K/V
+    itself or gets them repeated (what `gqa_in_kernel` decides per torch version and device)."""
+    import minitune.attention as att
+    import minitune.model as mdl
+    from minitune.generate import generate
+
+    def run():
+        torch.manual_seed(0)
+        model = build_model(cfg(2), seed=0)
+        apply_lora(model, LoRAConfig(r=4, alpha=8, init="gaussian"))
+        ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+        logits = model(ids).logits
+        logits.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        with torch.no_grad():
+            tokens = generate(model, ids[:, :8], max_new_tokens=6).tokens
+        return logits.detach(), grads, tokens
+
+    grouped = run()
+    monkeypatch.setattr(att, "gqa_in_kernel", lambda *a: False)
+    monkeypatch.setattr(mdl, "gqa_in_kernel", lambda *a: False)
+    repeated = run()
+    torch.testing.assert_close(repeated[0], grouped[0], atol=1e-5, rtol=1e-5)
+    for a, b in zip(repeated[1], grouped[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(repeated[2], grouped[2])

@@ -264,6 +264,21 @@ def test_save_refuses_non_finite_adapter(tiny, tmp_path):
     assert mgr.all() == []
 
 
+def test_fsdp_on_a_cpu_torch_without_it_is_refused_by_name(monkeypatch):
+    """FSDP2 runs on CPU from torch 2.7; with an older torch a CPU run under torchrun stops before any model loads."""
+    import minitune.distributed as dist_mod
+    from minitune.distributed import DistInfo, check_parallel
+
+    two_ranks = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    if dist_mod.fsdp_runs_on(torch.device("cpu")):  # this torch: refused only where FSDP2 cannot run
+        check_parallel("fsdp", two_ranks)
+    monkeypatch.setattr(dist_mod, "fsdp_runs_on", lambda device: device.type != "cpu")
+    with pytest.raises(MinituneError, match=r"run.parallel=fsdp on CPU needs torch >= 2.7 .*use run.parallel=ddp"):
+        check_parallel("fsdp", two_ranks)
+    check_parallel("ddp", two_ranks)
+    check_parallel("fsdp", DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
 # -- preference pairs --------------------------------------------------------------------------
 
 

@@ -8,19 +8,19 @@ import torch
 
 from minitune.checkpoint import iter_safetensors
 from minitune.train.metrics import read_metrics
-from helpers import tiny_with_real_tokenizer, torchrun
+from helpers import PARALLEL, tiny_with_real_tokenizer, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_wrapped_head_gets_the_full_batch_gradient_on_every_rank(parallel):
     out = torchrun(Path(__file__).parent / "dist_head_grads.py", [parallel])
     assert out.stdout.count("gradients equal the full batch's") == 2, out.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_reward_recipe_under_torchrun(demo_dir, tmp_path, parallel):
     tiny = tiny_with_real_tokenizer(tmp_path / "m", demo_dir)
     out = tmp_path / parallel
@@ -48,7 +48,7 @@ def ppo_under_torchrun(toy_folder, out, parallel, *args, timeout=600):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
     out = tmp_path / parallel
     ppo_under_torchrun(toy_folder, out, parallel, "reward.function=helpers:share_of_letter_a", "ppo.samples_per_prompt=1",
@@ -66,7 +66,7 @@ def test_ppo_with_a_value_head_under_torchrun(toy_folder, tmp_path, parallel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_ppo_skip_equal_groups_under_torchrun_keeps_ranks_in_step(toy_folder, tmp_path, parallel):
     # rank 0 has one prompt with signal, rank 1 none: rank 1 tops up with one of its skipped prompts, so both
     # run the same forwards and optimizer steps (without the top-up rank 0 waits in its backward forever)

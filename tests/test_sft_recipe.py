@@ -16,7 +16,7 @@ from minitune import MinituneError
 from minitune.checkpoint import iter_safetensors
 from minitune.train.config import load_config, parse_cli
 from minitune.train.metrics import read_metrics
-from helpers import load_recipe, tiny_with_real_tokenizer, torchrun
+from helpers import PARALLEL, load_recipe, tiny_with_real_tokenizer, torchrun
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +204,7 @@ def _torchrun(args, nproc=2):
     torchrun(ROOT / "recipes" / "lora_sft.py", args, nproc)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", PARALLEL)
 def test_distributed_matches_single_process(tiny, digits, tmp_path, parallel):
     common = {"data.source": str(digits), "data.template": "text", "data.seq_length": 16, "data.shuffle_buffer": 0,
               "lora.dropout": 0.0, "run.max_steps": 3, "run.save_every": 0, "eval.accuracy": "false", "data.holdout": 10}

@@ -64,6 +64,10 @@ class ModelSection:
         if self.cpu_pack is None:
             self.cpu_pack = device.type == "cpu" and cpu_linear.available()
             notes.append(f"model.cpu_pack auto -> {str(self.cpu_pack).lower()} on {device.type}")
+        elif self.cpu_pack and not (device.type == "cpu" and cpu_linear.available()):
+            self.cpu_pack = False  # what runs: plain F.linear
+            why = "it packs CPU weights only" if device.type != "cpu" else f"not with this torch ({torch.__version__})"
+            notes.append(f"model.cpu_pack true -> false: oneDNN's packed linear does not run here: {why}")
         if self.offload_activations and not self.gradient_checkpointing:
             raise MinituneError("model.offload_activations offloads the layer inputs that gradient checkpointing "
                                 "keeps; set model.gradient_checkpointing=true too")

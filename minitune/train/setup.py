@@ -15,7 +15,8 @@ from minitune.compile import compile_layers
 from minitune.cpu_linear import pack_linears
 from minitune.adapters import adapter_state_dict, load_adapter, save_adapter, split_adapter_tensors
 from minitune.checkpoint import iter_safetensors, load_model
-from minitune.distributed import DistInfo, apply_ddp, apply_fsdp, barrier, cleanup, full_tensor, init_distributed
+from minitune.distributed import (DistInfo, apply_ddp, apply_fsdp, barrier, check_parallel, cleanup, full_tensor,
+                                  init_distributed)
 from minitune.dtypes import as_dtype
 from minitune.errors import MinituneError
 from minitune.heads import WithHead, base_model
@@ -65,6 +66,7 @@ def start_run(cfg) -> RunContext:
     batch arithmetic and the model path checked before anything is written; output folder, resume
     point and the resolved config (printed and saved); tokenizer; metrics logger."""
     info = init_distributed(cfg.run.resolved_device())
+    check_parallel(cfg.run.parallel, info)
     grad_accum = resolve_grad_accum(cfg.run, info.world_size)
     if cfg.model.path != "demo":
         model_path(cfg.model.path)  # a missing path fails here, before anything is written
