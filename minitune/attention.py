@@ -202,9 +202,14 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     if gqa_in_kernel(q.device.type, q.dtype, q.shape[-1], attn_mask is not None, is_causal, q.requires_grad):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
-    rep = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+    return F.scaled_dot_product_attention(q, repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1]),
                                           attn_mask=attn_mask, is_causal=is_causal)
+
+
+def repeat_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    """[B, nkv, S, hd] -> [B, n_head, S, hd], each kv head repeated for its n_head // nkv query heads in turn."""
+    B, nkv, S, hd = x.shape
+    return x[:, :, None].expand(B, nkv, n_head // nkv, S, hd).reshape(B, n_head, S, hd)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:

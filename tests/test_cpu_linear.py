@@ -181,3 +181,18 @@ def test_packed_layers_compile_without_graph_breaks():
         explained = torch._dynamo.explain(m)(x)
         assert explained.graph_break_count == 0, explained.break_reasons
         torch.testing.assert_close(torch.compile(m)(x), plain(m, x), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_pack_asked_for_where_it_cannot_run_is_turned_off_with_a_note(monkeypatch):
+    """model.cpu_pack=true with a torch whose packed linear does not run (2.6), or on a GPU: the saved config
+    says false (what ran) and a note says why."""
+    from minitune import cpu_linear
+    from minitune.train.sections import ModelSection
+
+    monkeypatch.setattr(cpu_linear, "available", lambda: False)
+    m = ModelSection(cpu_pack=True)
+    notes = m.resolve(torch.device("cpu"))
+    assert m.cpu_pack is False and any("cpu_pack true -> false" in n and "not with this torch" in n for n in notes)
+    auto = ModelSection()
+    auto.resolve(torch.device("cpu"))
+    assert auto.cpu_pack is False

@@ -17,6 +17,15 @@ CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidd
                   num_key_value_heads=2, max_position_embeddings=512)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own models from an empty dynamo cache: entries left by an earlier test's
+    (freed) models crashed torch 2.6's frame evaluation in a later test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def lora_model(quant: bool = False):
     torch.manual_seed(0)
     model = build_model(CFG, seed=0)

@@ -97,7 +97,9 @@ def test_tiny_roundtrip_with_peft(tmp_path, nf4):
 def test_real_smollm2_roundtrip_with_peft(demo_dir, demo_tok, tmp_path, nf4):
     text = demo_tok.apply_chat_template([{"role": "user", "content": "Name a colour."}], add_generation_prompt=True)
     ids = torch.tensor([demo_tok.encode(text)])
-    roundtrip(demo_dir, tmp_path, ids, nf4, tol=1e-3)
+    # 30 layers of a 4-bit base amplify attention-kernel rounding: max |diff| 3.3e-4 on torch 2.13 (both libraries
+    # on SDPA's flash kernel), 1.3e-3 on torch 2.6 (transformers' grouped K/V go to the math kernel there, ours not).
+    roundtrip(demo_dir, tmp_path, ids, nf4, tol=2e-3 if nf4 else 1e-3)
 
 
 def test_quantized_layers_equal_bitsandbytes_on_the_stored_weights(tmp_path):
