@@ -230,20 +230,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
         # Under a padding mask (reward, DPO, PPO, prefill) K/V are repeated, as the published RL results were
         # computed: SDPA's own GQA backward sums the group's gradients in another order, and RL
         # trajectories amplify that rounding (the toy PPO test's KL went from <= 8.1 to 10.1).
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k, v = repeat_heads(k, q.shape[1]), repeat_heads(v, q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @torch.compiler.disable  # lengths are data: a compiled layer calls this eagerly instead of recompiling
 def _attend_segments(q, k, v, segs: Segments) -> torch.Tensor:
-    rep = q.shape[1] // k.shape[1]
     rows = []
     for b, runs in enumerate(segs.rows):
         parts = []
         for s, n in runs:
             if n < 0:  # one-token documents: each attends to itself alone
-                parts.append(v[b:b + 1, :, s:s - n].repeat_interleave(rep, dim=1))
+                parts.append(repeat_heads(v[b:b + 1, :, s:s - n], q.shape[1]))
             else:
                 parts.append(sdpa(q[b:b + 1, :, s:s + n], k[b:b + 1, :, s:s + n], v[b:b + 1, :, s:s + n],
                                   is_causal=n > 1))
