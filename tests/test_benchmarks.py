@@ -60,7 +60,7 @@ def test_memory_benchmark_packed_mode_and_sequence_sweep(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_reward_pairs_benchmark_writes_its_table(tmp_path):
+def test_reward_pairs_benchmark_writes_its_table(tmp_path, hh_rows):  # hh_rows: skips without ../shared/data
     import reward_pairs
 
     rows = reward_pairs.main(["--pairs", "16", "--batch", "8", "--max-length", "64", "--out-dir", str(tmp_path)])

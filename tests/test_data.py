@@ -183,7 +183,7 @@ def test_missing_column_lists_existing(demo_tok):
 # -- files --------------------------------------------------------------------------------------
 
 
-def test_real_files_load_through_datasets():
+def test_real_files_load_through_datasets(hh_rows):  # hh_rows: skips without ../shared/data
     hh = load_rows(HH_PATH, columns=["chosen", "rejected"])
     assert len(hh) == 2312
     si = load_rows(SELF_INSTRUCT_PATH)
