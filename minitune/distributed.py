@@ -5,6 +5,7 @@ process group is read from torchrun's environment. gloo on CPU, NCCL on GPU.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from dataclasses import dataclass
@@ -109,10 +110,30 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype) if param_dtype is not None else MixedPrecisionPolicy()
-    for layer in base_model(model).model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    sharded = [*base_model(model).model.layers, model]
+    for module in sharded:
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+    if reduce_scatter_avg_sums():
+        # FSDP2 averages fp32/bf16 gradients with one AVG reduce-scatter; where that returns the sum, the
+        # hook (run on the reduce-scatter output, before the gradients are viewed out of it) divides.
+        if not hasattr(model, "set_all_reduce_hook"):
+            raise MinituneError(f"FSDP2 in torch {torch.__version__} sums gradients on {info.device.type} instead of "
+                                "averaging them: use run.parallel=ddp, or a newer torch")
+        for module in sharded:
+            module.set_all_reduce_hook(functools.partial(torch.Tensor.div_, other=info.world_size))
     return model
+
+
+def reduce_scatter_avg_sums() -> bool:
+    """Whether an AVG reduce-scatter on the default process group comes back as the sum: gloo (CPU) did that
+    silently in torch 2.7 (pytorch#162338), where FSDP2 uses it to average gradients. A one-number probe."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return False
+    n = dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    out = torch.zeros(1, device=device)
+    dist.reduce_scatter_tensor(out, torch.full((n,), float(dist.get_rank() + 1), device=device), op=dist.ReduceOp.AVG)
+    return abs(out.item() - (n + 1) / 2) > 1e-6  # the mean of 1..n, not their sum
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,17 @@ from minitune.train.sections import ModelSection, Parallel, RunSection
 from minitune.train.setup import finish_model
 
 parallel = Parallel(sys.argv[1])
+def summing(reduce_scatter):
+    def call(*args, **kwargs):
+        kwargs["op"] = torch.distributed.ReduceOp.SUM
+        return reduce_scatter(*args, **kwargs)
+    return call
+
+
+if "avg-sums" in sys.argv[2:]:  # play gloo as torch 2.7 had it: an AVG reduce-scatter returns the sum (pytorch#162338)
+    for name in ("reduce_scatter_tensor", "reduce_scatter_single"):  # older FSDP2 calls the first, torch 2.13 the second
+        if hasattr(torch.distributed, name):
+            setattr(torch.distributed, name, summing(getattr(torch.distributed, name)))
 info = init_distributed(torch.device("cpu"))
 cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
