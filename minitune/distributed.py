@@ -113,7 +113,7 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None
     sharded = [*base_model(model).model.layers, model]
     for module in sharded:
         fully_shard(module, mesh=mesh, mp_policy=mp)
-    if reduce_scatter_avg_sums():
+    if reduce_scatter_avg_sums(info.device):
         # FSDP2 averages fp32/bf16 gradients with one AVG reduce-scatter; where that returns the sum, the
         # hook (run on the reduce-scatter output, before the gradients are viewed out of it) divides.
         if not hasattr(model, "set_all_reduce_hook"):
@@ -124,13 +124,13 @@ def apply_fsdp(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None
     return model
 
 
-def reduce_scatter_avg_sums() -> bool:
-    """Whether an AVG reduce-scatter on the default process group comes back as the sum: gloo (CPU) did that
-    silently in torch 2.7 (pytorch#162338), where FSDP2 uses it to average gradients. A one-number probe."""
+def reduce_scatter_avg_sums(device: torch.device) -> bool:
+    """Whether an AVG reduce-scatter of tensors on `device` over the default process group comes back as the
+    sum: gloo (CPU) did that silently in torch 2.7 (pytorch#162338), where FSDP2 uses it to average gradients.
+    A one-number probe."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return False
     n = dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     out = torch.zeros(1, device=device)
     dist.reduce_scatter_tensor(out, torch.full((n,), float(dist.get_rank() + 1), device=device), op=dist.ReduceOp.AVG)
     return abs(out.item() - (n + 1) / 2) > 1e-6  # the mean of 1..n, not their sum

@@ -16,7 +16,7 @@ from minitune.reward import RewardHead, sequence_rewards
 from minitune.train.sections import ModelSection, Parallel, RunSection
 from minitune.train.setup import finish_model
 
-parallel = Parallel(sys.argv[1])
+
 def summing(reduce_scatter):
     def call(*args, **kwargs):
         kwargs["op"] = torch.distributed.ReduceOp.SUM
@@ -24,6 +24,7 @@ def summing(reduce_scatter):
     return call
 
 
+parallel = Parallel(sys.argv[1])
 if "avg-sums" in sys.argv[2:]:  # play gloo as torch 2.7 had it: an AVG reduce-scatter returns the sum (pytorch#162338)
     for name in ("reduce_scatter_tensor", "reduce_scatter_single"):  # older FSDP2 calls the first, torch 2.13 the second
         if hasattr(torch.distributed, name):

@@ -5,9 +5,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from minitune.distributed import fsdp_runs_on
 
-# The torchrun tests' parallel modes; FSDP2 runs on CPU only from torch 2.7 (`fsdp_runs_on`).
-PARALLEL = ["ddp", pytest.param("fsdp", marks=pytest.mark.skipif(
-    not fsdp_runs_on(torch.device("cpu")), reason=f"FSDP2 has no CPU support in torch {torch.__version__}"))]
+# FSDP2 runs on CPU only from torch 2.7 (`fsdp_runs_on`); the torchrun tests' parallel modes.
+NEEDS_FSDP_ON_CPU = pytest.mark.skipif(not fsdp_runs_on(torch.device("cpu")),
+                                       reason=f"FSDP2 has no CPU support in torch {torch.__version__}")
+PARALLEL = ["ddp", pytest.param("fsdp", marks=NEEDS_FSDP_ON_CPU)]
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from minitune.checkpoint import iter_safetensors
-from minitune.distributed import fsdp_runs_on
 from minitune.train.metrics import read_metrics
-from helpers import PARALLEL, tiny_with_real_tokenizer, torchrun
+from helpers import NEEDS_FSDP_ON_CPU, PARALLEL, tiny_with_real_tokenizer, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +19,7 @@ def test_wrapped_head_gets_the_full_batch_gradient_on_every_rank(parallel):
     assert out.stdout.count("gradients equal the full batch's") == 2, out.stdout
 
 
-@pytest.mark.skipif(not fsdp_runs_on(torch.device("cpu")), reason=f"FSDP2 has no CPU support in torch {torch.__version__}")
+@NEEDS_FSDP_ON_CPU
 def test_fsdp_averages_gradients_where_the_backend_sums_an_avg_reduce_scatter():
     """torch 2.7's gloo returned the sum for FSDP2's AVG reduce-scatter, so every gradient came out world_size
     times too large (Adam hides it, gradient clipping and the logged norms do not): played here by a
