@@ -2,6 +2,7 @@
 
     python -m minitune.plot outputs/ppo                        # -> outputs/ppo/curves.png
     python -m minitune.plot outputs/ppo outputs/grpo --out ppo_vs_grpo.png   # runs overlaid
+    python -m minitune.plot outputs/ppo outputs/grpo --x minutes   # against wall-clock minutes, not steps
 
 One panel per kind of metric that the run logged: training loss, held-out loss, accuracy and
 exact-match (per family too), reward/score, KL, throughput. Held-out values at the first and last
@@ -33,14 +34,20 @@ PANELS = [
 ]
 
 
-def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float]]]]:
-    """(run name, {metric: [(step, value), ...]}) from a run folder or its metrics.jsonl."""
+X_AXES = ("step", "minutes")
+
+
+def read_metrics(path: str | Path, x: str = "step") -> tuple[str, dict[str, list[tuple[float, float]]]]:
+    """(run name, {metric: [(x, value), ...]}) from a run folder or its metrics.jsonl; x is the step, or
+    with x="minutes" the wall-clock minutes since the file's first row (to compare runs on a time budget)."""
+    if x not in X_AXES:
+        raise MinituneError(f"--x {x}: use one of {', '.join(X_AXES)}")
     p = Path(path)
     f = p / "metrics.jsonl" if p.is_dir() else p
     if not f.is_file():
         raise MinituneError(f"no metrics.jsonl at {path}; pass a run's output_dir or its metrics.jsonl")
-    series: dict[str, list[tuple[int, float]]] = {}
-    summaries = []
+    series: dict[str, list[tuple[int, float, float]]] = {}  # metric -> [(step, time, value)]
+    summaries, t0 = [], None
     for n, line in enumerate(f.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -48,7 +55,10 @@ def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float
             row = json.loads(line)
         except json.JSONDecodeError:
             raise MinituneError(f"{f}:{n} is not a JSON line") from None
-        step = row.get("step")
+        step, t = row.get("step"), row.get("time")
+        if x == "minutes" and not _number(t):
+            raise MinituneError(f"{f}:{n} has no time; --x minutes needs the time every minitune run logs")
+        t0 = t if t0 is None else t0
         if "final_step" in row:
             summaries.append(row)
             continue
@@ -56,7 +66,7 @@ def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float
             continue
         for k, v in row.items():
             if k not in ("step", "time") and _number(v):
-                series.setdefault(k, []).append((step, float(v)))
+                series.setdefault(k, []).append((step, t, float(v)))
     # The closing summary holds the final evaluation (e.g. SFT's eval_loss, accuracy_after): it
     # extends the series logged during the run, without repeating a point already there.
     for row in summaries:
@@ -66,10 +76,12 @@ def read_metrics(path: str | Path) -> tuple[str, dict[str, list[tuple[int, float
                 continue
             key = k.removesuffix("_after")
             pts = series.get(key)
-            if pts and all(s != step for s, _ in pts):
-                pts.append((step, float(v)))
+            if pts and all(s != step for s, _, _ in pts):
+                pts.append((step, row.get("time"), float(v)))
     name = (f.parent if f.name == "metrics.jsonl" else f).name
-    return name, series
+    if x == "step":
+        return name, {k: [(s, v) for s, _, v in pts] for k, pts in series.items()}
+    return name, {k: [((t - t0) / 60, v) for _, t, v in pts] for k, pts in series.items()}
 
 
 def _number(v) -> bool:
@@ -95,8 +107,10 @@ def panels_for(runs: list[tuple[str, dict]], metrics: list[str] | None = None) -
 LINE_STYLES = ["-", "--", ":", "-."]
 
 
-def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[str] | None = None) -> Path:
-    """Writes the PNG (only the named `metrics` when given) and returns its path."""
+def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[str] | None = None,
+         x: str = "step") -> Path:
+    """Writes the PNG (only the named `metrics` when given; against steps, or with x="minutes" against
+    wall-clock minutes since each run's first logged row) and returns its path."""
     try:
         import matplotlib
 
@@ -104,7 +118,7 @@ def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[s
         import matplotlib.pyplot as plt
     except ImportError:
         raise MinituneError("plotting needs matplotlib: pip install 'minitune[plot]'") from None
-    runs = [read_metrics(p) for p in paths]
+    runs = [read_metrics(p, x) for p in paths]
     panels = panels_for(runs, metrics)
     if not panels:
         raise MinituneError(f"nothing to plot in {', '.join(map(str, paths))}: no loss, eval, reward or KL metric")
@@ -123,11 +137,11 @@ def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[s
                 line, = ax.plot(xs, ys, linestyle=style, marker="o" if held_out or len(pts) < 20 else None,
                                 markersize=3, color=color, label=label)
                 if held_out and len(pts) >= 2:
-                    for (x, y), tag in ((pts[0], "before"), (pts[-1], "after")):
-                        ax.annotate(f"{tag} {y:.3g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    for (px, py), tag in ((pts[0], "before"), (pts[-1], "after")):
+                        ax.annotate(f"{tag} {py:.3g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                     color=line.get_color())
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel("step" if x == "step" else "minutes since the run's first logged row")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
@@ -148,9 +162,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="PNG path (default: curves.png in the first run's folder)")
     ap.add_argument("--metrics", default="", help="comma-separated metric names to draw, e.g. eval_exact_match,kl "
                     "(default: every metric with a panel)")
+    ap.add_argument("--x", default="step", help="x axis: step (default) or minutes (wall clock since each run's "
+                    "first logged row, to compare runs on the same time budget)")
     a = ap.parse_args(argv)
     try:
-        path = plot(a.runs, a.out, [m for m in a.metrics.split(",") if m] or None)
+        path = plot(a.runs, a.out, [m for m in a.metrics.split(",") if m] or None, a.x)
     except MinituneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -108,3 +108,29 @@ def test_a_long_title_of_many_runs_wraps_inside_the_figure(tmp_path, monkeypatch
     fig.canvas.draw()
     box = title.get_window_extent()
     assert box.x0 >= 0 and box.x1 <= fig.bbox.width
+
+
+def flat(points):
+    return [v for p in points for v in p]
+
+
+def test_minutes_axis_puts_runs_on_one_time_budget(tmp_path, capsys):
+    """--x minutes: each point at the wall-clock minutes since its run's first row (the summary line's
+    final evaluation at the summary's own time), so runs whose steps cost differently compare on time."""
+    rl = rl_run(tmp_path / "ppo")  # rows at times 1 .. 11 s
+    _, by_step = read_metrics(rl)
+    _, by_time = read_metrics(rl, x="minutes")
+    assert by_step["kl"][0] == (1, 0.1) and by_time["kl"][0] == pytest.approx((1 / 60, 0.1))
+    assert flat(by_time["eval_exact_match"]) == pytest.approx([0.0, 0.63, 9 / 60, 0.65])
+    sft = write_run(tmp_path / "sft", [{"step": 60, "time": 100.0, "eval_loss": 0.30},
+                                       {"step": 61, "time": 103.0, "loss": 0.3},
+                                       {"step": 61, "time": 160.0, "final_step": 61, "eval_loss": 0.2, "steps": 61}])
+    _, s = read_metrics(sft, x="minutes")
+    assert flat(s["eval_loss"]) == pytest.approx([0.0, 0.30, 1.0, 0.2]) and flat(s["loss"]) == pytest.approx([0.05, 0.3])
+    out = tmp_path / "budget.png"
+    assert main([str(rl), str(sft), "--x", "minutes", "--out", str(out)]) == 0 and out.stat().st_size > 10_000
+    assert main([str(rl), "--x", "hours"]) == 2
+    assert "--x hours: use one of step, minutes" in capsys.readouterr().err
+    untimed = write_run(tmp_path / "untimed", [{"step": 1, "loss": 1.0}])
+    with pytest.raises(MinituneError, match="has no time; --x minutes needs"):
+        read_metrics(untimed, x="minutes")
