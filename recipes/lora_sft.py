@@ -39,7 +39,9 @@ from minitune.train.rng import seed_everything
 
 @dataclass
 class EvalSection:
-    accuracy: bool = True  # synthetic task: exact-match accuracy of greedy answers before/after
+    # synthetic task: exact-match accuracy of greedy answers to the held-out prompts before and after (and every
+    # run.eval_every steps), logged as eval_exact_match, the name the RL recipes give the same measurement
+    accuracy: bool = True
     max_new_tokens: int = 32
     samples: int = 3  # generations printed at each eval
     batch_size: int = 50
@@ -182,17 +184,20 @@ def train(cfg: SFTConfig) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.model.autocast and device.type == "cuda" else contextlib.nullcontext()
     summary: dict = {"steps": total_steps, "base_param_bytes": base_bytes, "packing": vars(stats)}
     do_accuracy = examples is not None and cfg.eval.accuracy
-    if step == 0:
+    # Where the run starts: before the first step, and where a run with evaluations every N steps resumes
+    # (so its curves begin at the checkpoint's figures).
+    if step == 0 or cfg.run.eval_every:
+        when = "before training" if step == 0 else f"at step {step}, where the run resumes"
         summary["eval_loss_before"] = evaluate(model, eval_ds, cfg, device)["eval_loss"]
         if info.is_main:
-            print(f"held-out loss before training: {summary['eval_loss_before']:.4f}")
-            log.log(0, eval_loss=summary["eval_loss_before"])
-    if do_accuracy and step == 0:
-        acc, samples = answer_accuracy(model, tok, examples, cfg, device)
-        summary["accuracy_before"] = acc
-        if info.is_main:
-            print(f"held-out exact-match accuracy before training: {acc:.3f}")
-            log.log(0, accuracy=acc)
+            print(f"held-out loss {when}: {summary['eval_loss_before']:.4f}")
+            log.log(step, eval_loss=summary["eval_loss_before"])
+        if do_accuracy:
+            acc, _ = answer_accuracy(model, tok, examples, cfg, device)
+            summary["accuracy_before"] = acc
+            if info.is_main:
+                print(f"held-out exact-match accuracy {when}: {acc:.3f}")
+                log.log(step, eval_exact_match=acc)
 
     # 5. The loop: micro-steps -> token-normalized loss -> clip -> finite check -> step -> log / eval / save.
     it = iter(train_ds)
@@ -239,6 +244,8 @@ def train(cfg: SFTConfig) -> dict:
                 bar.update(1)
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
                     ev = evaluate(model, eval_ds, cfg, device)
+                    if do_accuracy:
+                        ev["eval_exact_match"] = answer_accuracy(model, tok, examples, cfg, device)[0]
                     log.log(step, **ev)
             stopping = stop.requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
@@ -256,6 +263,8 @@ def train(cfg: SFTConfig) -> dict:
     if do_accuracy and step == total_steps:
         acc, samples = answer_accuracy(model, tok, examples, cfg, device)
         summary["accuracy_after"] = acc
+        if info.is_main:
+            log.log(step, eval_exact_match=acc)
         if info.is_main:
             for prompt, ans, ref in samples:
                 print(f"  Q: {prompt}\n  A: {ans!r} (reference {ref})")

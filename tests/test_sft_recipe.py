@@ -90,6 +90,31 @@ def test_resume_continues_with_identical_losses(tiny, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_evaluations_every_n_steps_log_accuracy_and_a_resumed_run_starts_its_curve_at_the_checkpoint(tiny, tmp_path):
+    """run.eval_every logs held-out loss and exact-match accuracy (synthetic task: eval_exact_match, as the
+    RL recipes name it) at step 0 and every N steps, and the accuracy after the last step; a run resumed with it evaluates first at the checkpoint's step, with the figures the
+    uninterrupted run logged there, and the evaluations do not change its training."""
+    def evals(out):
+        return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r and "step" in r
+                and "final_step" not in r}
+
+    def accs(out):
+        return {r["step"]: r["eval_exact_match"] for r in read_metrics(out / "metrics.jsonl") if "eval_exact_match" in r}
+
+    run(base_args(tiny, tmp_path / "full", **{"run.eval_every": 2}))
+    full_evals, full_accs = evals(tmp_path / "full"), accs(tmp_path / "full")
+    assert sorted(full_evals) == [0, 2, 4] and sorted(full_accs) == [0, 2, 4, 6]
+    run(base_args(tiny, tmp_path / "resumed", **{"run.eval_every": 2,
+                                                  "run.resume": str(tmp_path / "full" / "checkpoints" / "step_00000002")}))
+    resumed_evals, resumed_accs = evals(tmp_path / "resumed"), accs(tmp_path / "resumed")
+    assert sorted(resumed_evals) == [2, 4] and sorted(resumed_accs) == [2, 4, 6]
+    assert resumed_accs[6] == full_accs[6]
+    for step in (2, 4):
+        assert resumed_evals[step]["eval_loss"] == pytest.approx(full_evals[step]["eval_loss"], abs=1e-6)
+        assert resumed_accs[step] == full_accs[step]
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full")[2:], abs=1e-6)
+
+
 def _spawn(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, str(ROOT / "recipes" / "lora_sft.py"), *args], env=env,
