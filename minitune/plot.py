@@ -126,6 +126,7 @@ def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[s
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
+        starts = set()  # runs that start from the same figure get one "before" label, not a pile of them
         for r, (run, series) in enumerate(runs):
             for j, k in enumerate(k for k in keys if series.get(k)):
                 pts = series[k]
@@ -138,12 +139,16 @@ def plot(paths: list[str | Path], out: str | Path | None = None, metrics: list[s
                                 markersize=3, color=color, label=label)
                 if held_out and len(pts) >= 2:
                     for (px, py), tag in ((pts[0], "before"), (pts[-1], "after")):
+                        if tag == "before":
+                            if f"{py:.3g}" in starts:
+                                continue
+                            starts.add(f"{py:.3g}")
                         ax.annotate(f"{tag} {py:.3g}", (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                     color=line.get_color())
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step" if x == "step" else "minutes since the run's first logged row")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, framealpha=0.5)  # lines behind the legend stay visible
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     # wrapped to the figure's width (~10 characters an inch at this size): many runs' names otherwise run off it

@@ -92,6 +92,18 @@ def test_overlaid_runs_keep_one_colour_each_in_every_panel(tmp_path, monkeypatch
     assert len({ln.get_color() for ln in exact.get_lines()}) == len(exact.get_lines()) > 1
 
 
+def test_runs_that_start_alike_share_one_before_label(tmp_path, monkeypatch):
+    """Three runs from the same start: one "before" label where there were three on top of each other; each
+    run keeps its "after" label."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot([rl_run(tmp_path / n) for n in "abc"], tmp_path / "abc.png", metrics=["eval_exact_match"])
+    texts = [t.get_text() for t in figures[0].axes[0].texts]
+    assert texts.count("before 0.63") == 1 and texts.count("after 0.65") == 3
+
+
 def test_a_long_title_of_many_runs_wraps_inside_the_figure(tmp_path, monkeypatch):
     """Five runs with long names: the title breaks into lines that each fit the figure's width (one line ran off
     both edges before), and every run's name stays in it."""
