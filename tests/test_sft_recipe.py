@@ -240,3 +240,22 @@ def test_distributed_matches_single_process(tiny, digits, tmp_path, parallel):
     b = dict(iter_safetensors(tmp_path / parallel / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_compiled_layers_under_torchrun_match_the_eager_single_process(tiny, digits, tmp_path, parallel, monkeypatch):
+    """model.compile (on by default on CUDA, where torchrun runs) composed with DDP / FSDP2: layers compiled
+    before the wrapper, then 2 ranks of half the batch each give the eager single process's losses and adapter."""
+    common = {"data.source": str(digits), "data.template": "text", "data.seq_length": 16, "data.shuffle_buffer": 0,
+              "lora.dropout": 0.0, "run.max_steps": 3, "run.save_every": 0, "eval.accuracy": "false", "data.holdout": 10}
+    run(base_args(tiny, tmp_path / "single", **{**common, "run.batch_size": 4}))
+    out = tmp_path / f"{parallel}_compiled"
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    _torchrun(base_args(tiny, out, **{**common, "run.batch_size": 2, "run.parallel": parallel, "model.compile": "true"}))
+    assert any(cache.rglob("*.py")), "inductor wrote no kernel: the layers did not compile"
+    assert losses(out) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
+    a = dict(iter_safetensors(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    b = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
