@@ -111,10 +111,31 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation, *, 
     mask = mask.to(per_token.dtype)
     if how == Aggregation.TOKEN:
         n = mask.sum() if total_tokens is None else total_tokens
-        return (per_token * mask).sum() / max(float(n), 1.0)
+        return (per_token * mask).sum() / _positive(n)
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
     n = per_token.shape[0] if total_sequences is None else total_sequences
-    return per_seq.sum() / max(float(n), 1.0)
+    return per_seq.sum() / _positive(n)
+
+
+def _positive(n) -> float:
+    """A count to divide by: itself, or 1 where it is 0 (a batch with nothing to average sums to 0 anyway).
+    Not clamped to >= 1: a rank's share of the global count (`global_counts`) may be a fraction."""
+    n = float(n)
+    return n if n > 0 else 1.0
+
+
+def global_counts(mask: torch.Tensor, row_weight: torch.Tensor) -> tuple[float, float]:
+    """(tokens, sequences) to pass as `total_tokens` / `total_sequences` on every rank: the counts of the
+    minibatch over all ranks, divided by the world size. DDP and FSDP2 average the ranks' gradients, so
+    with these the result is the gradient of the token-mean (sequence-mean) over the whole global minibatch,
+    as one process would compute it, rather than the mean of each rank's own mean: a rank whose groups all
+    scored alike (weight 0) would otherwise halve the others' update on 2 ranks. One process: the plain counts."""
+    counts = torch.stack([mask.float().sum(), row_weight.float().sum()])
+    world = 1
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
+        world = torch.distributed.get_world_size()
+    return counts[0].item() / world, counts[1].item() / world
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,

@@ -22,7 +22,7 @@ import torch
 from minitune.data.synthetic import is_correct
 from minitune.distributed import all_reduce_sum, unwrap
 from minitune.errors import MinituneError, require
-from minitune.grpo import Aggregation, group_advantages, grpo_loss, informative_groups, rows_to_guide
+from minitune.grpo import Aggregation, global_counts, group_advantages, grpo_loss, informative_groups, rows_to_guide
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
@@ -150,7 +150,7 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
         per = max(1, -(-len(order) // g.mini_batches))
         for chunk in [order[s: s + per] for s in range(0, len(order), per)] or [[]]:
             idx = rows_of(chunk, G, rmask.device)
-            tokens, n_seq = float(rmask[idx].sum()), float(row_weight[idx].sum())
+            tokens, n_seq = global_counts(rmask[idx], row_weight[idx])  # the global minibatch's, per rank
             losses = []
             for micro in micro_batches(chunk, G, g.micro_batch):
                 mb = rows_of(micro, G, rmask.device)
@@ -178,7 +178,11 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
     if not stats:
         return {**sft, **({"grad_norm": sum(norms) / len(norms)} if norms else {})}
     mean = {k: torch.stack([getattr(s, k) for s in stats]).mean().item() for k in stats[0]._fields}
-    return {"loss": mean["loss"] * len(stats) / (g.epochs * g.mini_batches), "clip_low": mean["clip_low"],
+    # each rank's loss is its share of the global minibatch's (`global_counts`): their mean is that loss
+    loss = all_reduce_sum(torch.tensor(mean["loss"] * len(stats) / (g.epochs * g.mini_batches),
+                                       device=stats[0].loss.device)).item()
+    loss /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return {"loss": loss, "clip_low": mean["clip_low"],
             "clip_high": mean["clip_high"], "kl": mean["kl"], "ratio": mean["ratio"], "grad_norm": sum(norms) / len(norms),
             **sft}
 

@@ -1,6 +1,9 @@
 """Reward and value heads train inside the DDP/FSDP module (`WithHead`): gradients equal the
-single-process full batch's on every rank, and the reward and PPO recipes run under torchrun."""
+single-process full batch's on every rank, and the reward, PPO and GRPO recipes run under torchrun;
+GRPO's loss normalized over the global minibatch gives the full batch's gradient on every rank."""
+import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,68 @@ def test_ppo_skip_equal_groups_under_torchrun_keeps_ranks_in_step(toy_folder, tm
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "trained_rows" in r]
     assert [(r["signal_share"], r["trained_rows"]) for r in rows] == [(0.5, 4), (0.5, 4)]
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["pg_loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_grpo_loss_over_ranks_gives_the_full_minibatch_gradient(parallel, aggregation):
+    """Ranks holding different numbers of trained tokens (one rank's first group scored alike): with
+    `global_counts` the averaged gradient is the whole minibatch's token-mean (sequence-mean) gradient."""
+    out = torchrun(Path(__file__).parent / "dist_grpo_grads.py", [parallel, aggregation])
+    assert out.stdout.count("gradients equal the full batch's") == 2, out.stdout
+
+
+def test_grpo_loss_with_each_ranks_own_counts_would_not():
+    """The control: each rank dividing by its own counts (the mean of the ranks' means) is off by more than
+    a third of the largest gradient, so the test above can fail."""
+    out = torchrun(Path(__file__).parent / "dist_grpo_grads.py", ["ddp", "token", "local"])
+    diffs = [(float(d), float(big)) for d, big in re.findall(r"max diff ([0-9.e+-]+) \(largest gradient ([0-9.e+-]+)\)",
+                                                               out.stdout)]
+    assert len(diffs) == 2 and all(d > big / 3 for d, big in diffs), out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_grpo_under_torchrun_keeps_ranks_in_step(toy_folder, tmp_path, parallel):
+    """recipes/grpo.py on 2 CPU ranks where only rank 0 has a group that carries signal: rank 1 keeps its
+    skipped groups at weight 0, so both run the same forwards and optimizer steps (no rank waits forever),
+    the KL term's reference pass runs on both, and the adapter gathered at the end is the last checkpoint's."""
+    folder, prompts = toy_folder
+    out = tmp_path / parallel
+    torchrun(ROOT / "recipes" / "grpo.py",
+             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false",
+              "init_adapter=", "lora.r=4", "grpo.rollout_batch=8", "grpo.group_size=4", "gen.min_new_tokens=4",
+              "gen.max_new_tokens=4", "gen.greedy_member=false", "reward.function=helpers:first_group_differs_on_rank0",
+              "held_out.prompts=0", "run.max_steps=2", "run.save_every=1", "optim.lr=1e-2", f"run.parallel={parallel}",
+              f"run.output_dir={out}"], timeout=300)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "informative_groups" in r]
+    assert [r["informative_groups"] for r in rows] == [0.25, 0.25]  # 1 of the 4 groups over both ranks
+    assert all(r["updated"] and math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
+    first, last = (dict(iter_safetensors(out / "checkpoints" / f"step_0000000{s}" / "adapter" / "adapter_model.safetensors"))
+                   for s in (1, 2))
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the second step trained
+    final = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_dpo_under_torchrun(demo_dir, tmp_path, parallel):
+    """recipes/dpo.py on 2 CPU ranks (each its share of the pairs; the reference is the same base with the
+    adapter off on every rank; each scores 4 of the 8 held-out pairs): finite losses, log 2 at the start, the policy moved."""
+    tiny = tiny_with_real_tokenizer(tmp_path / "m", demo_dir)
+    out = tmp_path / parallel
+    torchrun(ROOT / "recipes" / "dpo.py",
+             [f"model.path={tiny}", "run.progress=false", "run.max_steps=3", "run.batch_size=2", "run.save_every=0",
+              "data.synthetic_train=32", "data.synthetic_eval=8", "data.seq_length=64", "optim.lr=1e-2",
+              "optim.warmup_steps=0", "lora.r=4", "init_adapter=", "eval_accuracy=false", "dpo.beta=0.5",
+              f"run.parallel={parallel}", f"run.output_dir={out}"])
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r and "final_step" not in r]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-4  # step 1: policy = reference, the sigmoid loss is log 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_pairs_per_rank"] == 4
+    assert abs(summary["before"]["eval_loss"] - math.log(2)) < 1e-4 and summary["before"]["eval_kl"] == 0
+    assert math.isfinite(summary["after"]["eval_loss"]) and summary["after"]["eval_kl"] > 0  # the policy moved
+    adapter = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
