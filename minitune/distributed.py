@@ -49,6 +49,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def world_size() -> int:
+    """Ranks in the default process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -128,9 +133,9 @@ def reduce_scatter_avg_sums(device: torch.device) -> bool:
     """Whether an AVG reduce-scatter of tensors on `device` over the default process group comes back as the
     sum: gloo (CPU) did that silently in torch 2.7 (pytorch#162338), where FSDP2 uses it to average gradients.
     A one-number probe."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    n = world_size()
+    if n == 1:
         return False
-    n = dist.get_world_size()
     out = torch.zeros(1, device=device)
     dist.reduce_scatter_tensor(out, torch.full((n,), float(dist.get_rank() + 1), device=device), op=dist.ReduceOp.AVG)
     return abs(out.item() - (n + 1) / 2) > 1e-6  # the mean of 1..n, not their sum

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from minitune.distributed import all_reduce_sum, world_size
 from minitune.errors import MinituneError
 
 
@@ -130,12 +131,8 @@ def global_counts(mask: torch.Tensor, row_weight: torch.Tensor) -> tuple[float, 
     with these the result is the gradient of the token-mean (sequence-mean) over the whole global minibatch,
     as one process would compute it, rather than the mean of each rank's own mean: a rank whose groups all
     scored alike (weight 0) would otherwise halve the others' update on 2 ranks. One process: the plain counts."""
-    counts = torch.stack([mask.float().sum(), row_weight.float().sum()])
-    world = 1
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.SUM)
-        world = torch.distributed.get_world_size()
-    return counts[0].item() / world, counts[1].item() / world
+    counts = all_reduce_sum(torch.stack([mask.float().sum(), row_weight.float().sum()]))
+    return counts[0].item() / world_size(), counts[1].item() / world_size()
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,

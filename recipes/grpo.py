@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitune.data.synthetic import is_correct
-from minitune.distributed import all_reduce_sum, unwrap
+from minitune.distributed import all_reduce_sum, unwrap, world_size
 from minitune.errors import MinituneError, require
 from minitune.grpo import Aggregation, global_counts, group_advantages, grpo_loss, informative_groups, rows_to_guide
 from minitune.lora import LoRAConfig, set_adapter
@@ -180,8 +180,7 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
     mean = {k: torch.stack([getattr(s, k) for s in stats]).mean().item() for k in stats[0]._fields}
     # each rank's loss is its share of the global minibatch's (`global_counts`): their mean is that loss
     loss = all_reduce_sum(torch.tensor(mean["loss"] * len(stats) / (g.epochs * g.mini_batches),
-                                       device=stats[0].loss.device)).item()
-    loss /= torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                                       device=stats[0].loss.device)).item() / world_size()
     return {"loss": loss, "clip_low": mean["clip_low"],
             "clip_high": mean["clip_high"], "kl": mean["kl"], "ratio": mean["ratio"], "grad_norm": sum(norms) / len(norms),
             **sft}
