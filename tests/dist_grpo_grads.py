@@ -59,10 +59,11 @@ expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_gra
 
 model = finish_model(base, ModelSection(), RunSection(parallel=parallel), info)
 rows = slice(4 * info.rank, 4 * info.rank + 4)
-tokens, sequences = (None, None) if local else global_counts(rmask[rows], weight[rows])
+tokens, sequences = ((float(rmask[rows].sum()), float(weight[rows].sum())) if local
+                     else global_counts(rmask[rows], weight[rows]))
 logp = logprobs(model, ids[rows])
 grpo_loss(logp, logp.detach(), advantages[rows], rmask[rows], aggregation=how, total_tokens=tokens,
-          total_sequences=sequences if sequences is not None else float(weight[rows].sum()))[0].backward()
+          total_sequences=sequences)[0].backward()
 got = {n.removeprefix("module."): full_tensor(p.grad) for n, p in model.named_parameters() if p.requires_grad}
 assert got.keys() == expected.keys(), sorted(set(got) ^ set(expected))[:4]
 worst = max((got[n] - expected[n]).abs().max().item() for n in got)

@@ -92,8 +92,9 @@ def test_resume_continues_with_identical_losses(tiny, tmp_path):
 
 def test_evaluations_every_n_steps_log_accuracy_and_a_resumed_run_starts_its_curve_at_the_checkpoint(tiny, tmp_path):
     """run.eval_every logs held-out loss and exact-match accuracy (synthetic task: eval_exact_match, as the
-    RL recipes name it) at step 0 and every N steps, and the accuracy after the last step; a run resumed with it evaluates first at the checkpoint's step, with the figures the
-    uninterrupted run logged there, and the evaluations do not change its training."""
+    RL recipes name it) at step 0 and every N steps, and the accuracy after the last step; a run resumed with
+    it evaluates first at the checkpoint's step, with the figures the uninterrupted run logged there, and
+    the evaluations do not change its training."""
     def evals(out):
         return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r and "step" in r
                 and "final_step" not in r}
@@ -229,33 +230,43 @@ def _torchrun(args, nproc=2):
     torchrun(ROOT / "recipes" / "lora_sft.py", args, nproc)
 
 
+def digits_args(tiny, digits, out, **extra):
+    """3 steps on the digit rows, whose packed blocks line up with rows (see `digits`)."""
+    return base_args(tiny, out, **{"data.source": str(digits), "data.template": "text", "data.seq_length": 16,
+                                   "data.shuffle_buffer": 0, "lora.dropout": 0.0, "run.max_steps": 3, "run.save_every": 0,
+                                   "eval.accuracy": "false", "data.holdout": 10, **extra})
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny, digits, tmp_path_factory):
+    """The eager single process on the global batch of 4 that the 2-rank runs split: its run folder."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(digits_args(tiny, digits, out, **{"run.batch_size": 4}))
+    return out
+
+
 @pytest.mark.parametrize("parallel", PARALLEL)
-def test_distributed_matches_single_process(tiny, digits, tmp_path, parallel):
-    common = {"data.source": str(digits), "data.template": "text", "data.seq_length": 16, "data.shuffle_buffer": 0,
-              "lora.dropout": 0.0, "run.max_steps": 3, "run.save_every": 0, "eval.accuracy": "false", "data.holdout": 10}
-    run(base_args(tiny, tmp_path / "single", **{**common, "run.batch_size": 4}))
-    _torchrun(base_args(tiny, tmp_path / parallel, **{**common, "run.batch_size": 2, "run.parallel": parallel}))
-    assert losses(tmp_path / parallel) == pytest.approx(losses(tmp_path / "single"), abs=1e-5)
-    a = dict(iter_safetensors(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+def test_distributed_matches_single_process(tiny, digits, single_process, tmp_path, parallel):
+    _torchrun(digits_args(tiny, digits, tmp_path / parallel, **{"run.batch_size": 2, "run.parallel": parallel}))
+    assert losses(tmp_path / parallel) == pytest.approx(losses(single_process), abs=1e-5)
+    a = dict(iter_safetensors(single_process / "adapter" / "adapter_model.safetensors"))
     b = dict(iter_safetensors(tmp_path / parallel / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 @pytest.mark.parametrize("parallel", PARALLEL)
-def test_compiled_layers_under_torchrun_match_the_eager_single_process(tiny, digits, tmp_path, parallel, monkeypatch):
+def test_compiled_layers_under_torchrun_match_the_eager_single_process(tiny, digits, single_process, tmp_path, parallel,
+                                                                       monkeypatch):
     """model.compile (on by default on CUDA, where torchrun runs) composed with DDP / FSDP2: layers compiled
     before the wrapper, then 2 ranks of half the batch each give the eager single process's losses and adapter."""
-    common = {"data.source": str(digits), "data.template": "text", "data.seq_length": 16, "data.shuffle_buffer": 0,
-              "lora.dropout": 0.0, "run.max_steps": 3, "run.save_every": 0, "eval.accuracy": "false", "data.holdout": 10}
-    run(base_args(tiny, tmp_path / "single", **{**common, "run.batch_size": 4}))
     out = tmp_path / f"{parallel}_compiled"
     cache = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    _torchrun(base_args(tiny, out, **{**common, "run.batch_size": 2, "run.parallel": parallel, "model.compile": "true"}))
+    _torchrun(digits_args(tiny, digits, out, **{"run.batch_size": 2, "run.parallel": parallel, "model.compile": "true"}))
     assert any(cache.rglob("*.py")), "inductor wrote no kernel: the layers did not compile"
-    assert losses(out) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
-    a = dict(iter_safetensors(tmp_path / "single" / "adapter" / "adapter_model.safetensors"))
+    assert losses(out) == pytest.approx(losses(single_process), abs=1e-4)
+    a = dict(iter_safetensors(single_process / "adapter" / "adapter_model.safetensors"))
     b = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
