@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,45 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
     return x
+
+
+def std_over_ranks(x: torch.Tensor) -> float:
+    """The (unbiased) standard deviation of the values every rank holds in `x`, pooled as one tensor."""
+    t = all_reduce_sum(torch.stack([torch.tensor(float(x.numel())), x.double().sum().cpu(), x.double().square().sum().cpu()])
+                       .to(x.device))
+    n, total, squares = t.tolist()
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+
+def metrics_over_ranks(stats: dict[str, float], device: torch.device, *, summed=(), largest=()) -> dict[str, float]:
+    """A step's metrics for the whole job rather than rank 0's share (one process: unchanged). Keys in `summed`
+    are added over the ranks (counts, throughputs), keys in `largest` take the largest value (durations: the
+    step waits for its slowest rank), the rest are means over the ranks that measured them (a NaN is "not
+    measured here"): the means of quantities every rank measures over as many rows (rollouts of one size).
+    Every rank must pass the same keys, in any order; a mismatch raises rather than mixing up metrics."""
+    if world_size() == 1:
+        return dict(stats)
+    keys = sorted(stats)
+    names = zlib.crc32("\n".join(keys).encode())
+    agree = all_reduce_max(torch.tensor([names, -names], dtype=torch.int64, device=device))
+    if agree[0] != -agree[1]:
+        raise MinituneError(f"ranks logged different metrics (rank {dist.get_rank()}: {', '.join(keys)}): each rank must "
+                            f"log the same names, a NaN where it measured nothing")
+    vals = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device)
+    seen = torch.isfinite(vals)
+    sums = all_reduce_sum(torch.stack([torch.where(seen, vals, 0.0), seen.double()]))
+    top = all_reduce_max(torch.where(seen, vals, -torch.inf))
+    out = {}
+    for i, k in enumerate(keys):
+        if sums[1, i] == 0:
+            out[k] = float("nan")
+        elif k in summed:
+            out[k] = sums[0, i].item()
+        elif k in largest:
+            out[k] = top[i].item()
+        else:
+            out[k] = (sums[0, i] / sums[1, i]).item()
+    return out
 
 
 def cleanup(*wrapped: nn.Module) -> None:

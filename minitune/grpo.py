@@ -135,6 +135,18 @@ def global_counts(mask: torch.Tensor, row_weight: torch.Tensor) -> tuple[float, 
     return counts[0].item() / world_size(), counts[1].item() / world_size()
 
 
+def global_token_means(stats: list[GRPOStats], tokens: list[torch.Tensor]) -> dict[str, float]:
+    """The update statistics (clip shares, KL, ratio) as token-weighted means over every micro-batch of
+    every rank: each micro-batch's per-token means weighted by its `tokens` (trained response tokens),
+    summed over ranks. What one process computing the whole minibatch would log; a rank's own mean of
+    micro-batch means would weigh a short micro-batch as much as a long one and show rank 0's figures only."""
+    fields = ("clip_low", "clip_high", "kl", "ratio")
+    w = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in tokens]).to(stats[0].kl.device)
+    sums = torch.stack([(torch.stack([getattr(s, k).float() for s in stats]) * w).sum() for k in fields] + [w.sum()])
+    sums = all_reduce_sum(sums)
+    return {k: (sums[i] / _positive(sums[-1])).item() for i, k in enumerate(fields)}
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
               clip_low: float = 0.2, clip_high: float = 0.28, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
               aggregation: Aggregation = Aggregation.TOKEN, total_tokens: float | None = None,
@@ -155,5 +167,5 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, stats
 
 
-__all__ = ["Aggregation", "GRPOStats", "aggregate", "clipped_surrogate", "global_counts", "group_advantages", "grpo_loss",
+__all__ = ["Aggregation", "GRPOStats", "aggregate", "clipped_surrogate", "global_counts", "global_token_means", "group_advantages", "grpo_loss",
            "informative_groups", "k3_kl", "rows_to_guide"]

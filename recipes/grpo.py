@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from minitune.data.synthetic import is_correct
-from minitune.distributed import all_reduce_sum, unwrap, world_size
+from minitune.distributed import all_reduce_sum, metrics_over_ranks, std_over_ranks, unwrap, world_size
 from minitune.errors import MinituneError, require
-from minitune.grpo import Aggregation, global_counts, group_advantages, grpo_loss, informative_groups, rows_to_guide
+from minitune.grpo import (Aggregation, global_counts, global_token_means, group_advantages, grpo_loss, informative_groups,
+                           rows_to_guide)
 from minitune.lora import LoRAConfig, set_adapter
 from minitune.reward import load_reward_adapter
 from minitune.rl_eval import HeldOutEval
@@ -143,7 +144,7 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
     signal. Returns the mean of the update statistics."""
     g, G, T = cfg.grpo, cfg.grpo.group_size, cfg.gen.temperature
     rmask = ro.gen.mask.float() * row_weight[:, None]
-    stats, norms, nlls = [], [], []
+    stats, tokens_of, norms, nlls = [], [], [], []
     for _ in range(g.epochs):
         perm = torch.randperm(len(groups), generator=torch.Generator().manual_seed(rng.randrange(2**31)))
         order = [groups[i] for i in perm]
@@ -162,6 +163,7 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
                                      aggregation=g.aggregation, total_tokens=tokens, total_sequences=n_seq)
                 loss.backward()
                 stats.append(st)
+                tokens_of.append(rmask[mb, :R].sum())
                 losses.append(st.loss)
             if demo is not None:
                 nll = demonstration_nll(model, demo)
@@ -177,13 +179,9 @@ def update(model, ro: Rollout, advantages: torch.Tensor, groups: list[int], row_
     sft = {"sft_nll": sum(nlls) / len(nlls)} if nlls else {}
     if not stats:
         return {**sft, **({"grad_norm": sum(norms) / len(norms)} if norms else {})}
-    mean = {k: torch.stack([getattr(s, k) for s in stats]).mean().item() for k in stats[0]._fields}
     # each rank's loss is its share of the global minibatch's (`global_counts`): their mean is that loss
-    loss = all_reduce_sum(torch.tensor(mean["loss"] * len(stats) / (g.epochs * g.mini_batches),
-                                       device=stats[0].loss.device)).item() / world_size()
-    return {"loss": loss, "clip_low": mean["clip_low"],
-            "clip_high": mean["clip_high"], "kl": mean["kl"], "ratio": mean["ratio"], "grad_norm": sum(norms) / len(norms),
-            **sft}
+    loss = all_reduce_sum(torch.stack([s.loss for s in stats]).sum() / (g.epochs * g.mini_batches)).item() / world_size()
+    return {"loss": loss, **global_token_means(stats, tokens_of), "grad_norm": sum(norms) / len(norms), **sft}
 
 
 @torch.no_grad()
@@ -304,8 +302,7 @@ def train(cfg: GRPOConfig) -> dict:
             # 7. Metrics, samples, held-out evaluation, checkpoint.
             ro, n = sampled, len(sampled.responses)  # statistics of what the policy sampled
             sums = all_reduce_sum(torch.tensor([float(raw.sum()), float(keep.sum()), float(len(picked))], device=device))
-            stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": raw.std().item(),
-                     "informative_groups": (sums[1] / sums[2]).item(), "updated": bool(groups) or demo is not None, **up,
+            stats = {"informative_groups": (sums[1] / sums[2]).item(), **up,
                      **({"guided_groups": len(guided) / len(picked)} if cfg.grpo.guide else {}),
                      "response_length": ro.gen.lengths.float().mean().item(),
                      "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),
@@ -315,6 +312,11 @@ def train(cfg: GRPOConfig) -> dict:
                      "gen_tokens_per_s": float(ro.gen.lengths.sum()) / ro.seconds, "prompts_truncated": ro.truncated}
             if ro.references[0] is not None:
                 stats["accuracy"] = sum(is_correct(r, ref) for r, ref in zip(ro.responses, ro.references)) / n
+            # the whole job's figures under torchrun: means over the ranks' equal rollouts, the slowest rank's times
+            stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": std_over_ranks(raw),
+                     "updated": bool(groups) or demo is not None,
+                     **metrics_over_ranks(stats, device, summed=("gen_tokens_per_s", "prompts_truncated"),
+                                          largest=("gen_s", "score_s", "update_s"))}
             history.append(stats)
             if info.is_main:
                 log.log(step, **stats)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minitune.data.synthetic import is_correct
-from minitune.distributed import all_reduce_max, all_reduce_sum, unwrap
+from minitune.distributed import all_reduce_max, all_reduce_sum, metrics_over_ranks, std_over_ranks, unwrap
 from minitune.errors import MinituneError
 from minitune.grpo import informative_groups
 from minitune.lora import LoRAConfig, base_parameter_bytes, set_adapter
@@ -118,12 +118,14 @@ def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory | None, raw, non_sc
                skipped: int, kl_mean: float, kl_coef: float, seconds: tuple[float, float, float], signal: float) -> dict:
     """The step's metrics: scores, KL, losses, clip fractions, lengths, and where the time went. KL,
     losses and the non-score reward cover the rows trained on (all, unless ppo.skip_equal_groups); a
-    metric with no value this step (no row trained, or no value function) is left out."""
+    metric with no value this step (no row trained, or no value function) is left out. Under torchrun
+    they are the whole job's (`metrics_over_ranks`): means over the ranks' equal-sized rollouts, trained
+    rows and throughputs added, durations the slowest rank's."""
     B, (t_gen, t_score, t_train) = len(ro.responses), seconds
     nan = float("nan")
     mean = lambda name: torch.stack([getattr(s, name) for s in mb_stats]).mean().item() if mb_stats else float("nan")  # noqa: E731
     stats = {
-        "score_mean": raw.mean().item(), "score_std": raw.std().item() if B > 1 else 0.0,
+        "score_mean": raw.mean().item(),
         "non_score_reward": non_score.sum(1).mean().item() if non_score is not None else nan, "kl": kl_mean,
         "kl_coef": kl_coef, "signal_share": signal, "trained_rows": len(traj.sequences) if traj is not None else 0,
         "entropy": mean("entropy"), "pg_loss": mean("pg_loss"), "vf_loss": mean("vf_loss"),
@@ -137,7 +139,6 @@ def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory | None, raw, non_sc
         # where the step's time goes: rollout generation, scoring (reward, policy/reference
         # log-probs, values, advantages), PPO update
         "gen_s": t_gen, "score_s": t_score, "update_s": t_train,
-        **{f"{k}_share": v / (t_gen + t_score + t_train) for k, v in (("gen", t_gen), ("score", t_score), ("update", t_train))},
         "gen_tokens_per_s": float(ro.gen.lengths.sum()) / t_gen,
         "train_tokens_per_s": (cfg.ppo.ppo_epochs * float(traj.attention_mask.sum()) / max(t_train, 1e-6)) if traj is not None else nan,
         "prompts_truncated": ro.truncated,
@@ -147,6 +148,12 @@ def step_stats(cfg: PPOConfig, ro: Rollout, traj: Trajectory | None, raw, non_sc
     if not cfg.ppo.use_value:  # no value function: its loss and fit would describe zeros
         for name in ("vf_loss", "vf_clipfrac", "explained_variance"):
             del stats[name]
+    stats = metrics_over_ranks(stats, raw.device, summed=("trained_rows", "skipped_minibatches", "gen_tokens_per_s",
+                                                          "train_tokens_per_s", "prompts_truncated"),
+                               largest=("gen_s", "score_s", "update_s"))
+    stats["score_std"] = std_over_ranks(raw)
+    total = stats["gen_s"] + stats["score_s"] + stats["update_s"]
+    stats |= {f"{k}_share": stats[f"{k}_s"] / total for k in ("gen", "score", "update")}
     return {k: v for k, v in stats.items() if v == v}  # a NaN (nothing trained this step) is left out, not logged
 
 

@@ -87,7 +87,10 @@ def test_ppo_skip_equal_groups_under_torchrun_keeps_ranks_in_step(toy_folder, tm
                        "ppo.samples_per_prompt=4", "ppo.group_baseline=true", "ppo.use_value=false",
                        "ppo.skip_equal_groups=true", "held_out.prompts=0", "run.save_every=0", timeout=300)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "trained_rows" in r]
-    assert [(r["signal_share"], r["trained_rows"]) for r in rows] == [(0.5, 4), (0.5, 4)]
+    # the job's figures, not rank 0's: 1 of the 4 prompts carries signal, both ranks train 4 rows, and the scores
+    # are rank 0's 0, 1, 2, 3, 0, 0, 0, 0 with rank 1's eight zeros
+    assert [(r["signal_share"], r["trained_rows"]) for r in rows] == [(0.25, 8), (0.25, 8)]
+    assert all(r["score_mean"] == 0.375 and r["score_std"] == pytest.approx(0.88506, abs=1e-5) for r in rows)
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["pg_loss"]) for r in rows)
 
 
@@ -95,18 +98,29 @@ def test_ppo_skip_equal_groups_under_torchrun_keeps_ranks_in_step(toy_folder, tm
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_grpo_loss_over_ranks_gives_the_full_minibatch_gradient(parallel, aggregation):
     """Ranks holding different numbers of trained tokens (one rank's first group scored alike): with
-    `global_counts` the averaged gradient is the whole minibatch's token-mean (sequence-mean) gradient."""
+    `global_counts` the averaged gradient is the whole minibatch's token-mean (sequence-mean) gradient, and
+    with `global_token_means` the logged clip shares, KL and ratio are the whole minibatch's."""
     out = torchrun(Path(__file__).parent / "dist_grpo_grads.py", [parallel, aggregation])
-    assert out.stdout.count("gradients equal the full batch's") == 2, out.stdout
+    assert out.stdout.count("gradients equal the full batch's") == 2 and out.stdout.count("statistics too") == 2, out.stdout
+
+
+def test_step_metrics_are_the_whole_jobs():
+    """`metrics_over_ranks`: means over the ranks that measured a metric, sums for counts, the largest for
+    durations, order of names free; `std_over_ranks` pools the ranks' values; different names raise on every rank."""
+    out = torchrun(Path(__file__).parent / "dist_metrics.py", [])
+    assert out.stdout.count("metrics over ranks ok") == 2, out.stdout
 
 
 def test_grpo_loss_with_each_ranks_own_counts_would_not():
     """The control: each rank dividing by its own counts (the mean of the ranks' means) is off by more than
-    a third of the largest gradient, so the test above can fail."""
+    a third of the largest gradient, and rank 0's own statistics are not the full batch's, so the test above
+    can fail."""
     out = torchrun(Path(__file__).parent / "dist_grpo_grads.py", ["ddp", "token", "local"])
     diffs = [(float(d), float(big)) for d, big in re.findall(r"max diff ([0-9.e+-]+) \(largest gradient ([0-9.e+-]+)\)",
                                                                out.stdout)]
     assert len(diffs) == 2 and all(d > big / 3 for d, big in diffs), out.stdout
+    own = [float(x) for x in re.findall(r"own statistics off by ([0-9.e+-]+)", out.stdout)]
+    assert len(own) == 2 and min(own) > 1e-2, out.stdout
 
 
 @pytest.mark.slow
@@ -125,6 +139,7 @@ def test_grpo_under_torchrun_keeps_ranks_in_step(toy_folder, tmp_path, parallel)
               f"run.output_dir={out}"], timeout=300)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "informative_groups" in r]
     assert [r["informative_groups"] for r in rows] == [0.25, 0.25]  # 1 of the 4 groups over both ranks
+    assert all(r["score_mean"] == 0.375 and r["score_std"] == pytest.approx(0.88506, abs=1e-5) for r in rows)
     assert all(r["updated"] and math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in rows)
     first, last = (dict(iter_safetensors(out / "checkpoints" / f"step_0000000{s}" / "adapter" / "adapter_model.safetensors"))
                    for s in (1, 2))
