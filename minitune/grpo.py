@@ -167,5 +167,5 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, stats
 
 
-__all__ = ["Aggregation", "GRPOStats", "aggregate", "clipped_surrogate", "global_counts", "global_token_means", "group_advantages", "grpo_loss",
-           "informative_groups", "k3_kl", "rows_to_guide"]
+__all__ = ["Aggregation", "GRPOStats", "aggregate", "clipped_surrogate", "global_counts", "global_token_means",
+           "group_advantages", "grpo_loss", "informative_groups", "k3_kl", "rows_to_guide"]

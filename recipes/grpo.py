@@ -301,8 +301,7 @@ def train(cfg: GRPOConfig) -> dict:
 
             # 7. Metrics, samples, held-out evaluation, checkpoint.
             ro, n = sampled, len(sampled.responses)  # statistics of what the policy sampled
-            sums = all_reduce_sum(torch.tensor([float(raw.sum()), float(keep.sum()), float(len(picked))], device=device))
-            stats = {"informative_groups": (sums[1] / sums[2]).item(), **up,
+            stats = {"score_mean": raw.mean().item(), "informative_groups": keep.float().mean().item(), **up,
                      **({"guided_groups": len(guided) / len(picked)} if cfg.grpo.guide else {}),
                      "response_length": ro.gen.lengths.float().mean().item(),
                      "no_eos_share": 1.0 - ro.gen.ended.float().mean().item(),
@@ -313,10 +312,9 @@ def train(cfg: GRPOConfig) -> dict:
             if ro.references[0] is not None:
                 stats["accuracy"] = sum(is_correct(r, ref) for r, ref in zip(ro.responses, ro.references)) / n
             # the whole job's figures under torchrun: means over the ranks' equal rollouts, the slowest rank's times
-            stats = {"score_mean": (sums[0] / (n * info.world_size)).item(), "score_std": std_over_ranks(raw),
-                     "updated": bool(groups) or demo is not None,
-                     **metrics_over_ranks(stats, device, summed=("gen_tokens_per_s", "prompts_truncated"),
-                                          largest=("gen_s", "score_s", "update_s"))}
+            stats = {**metrics_over_ranks(stats, device, summed=("gen_tokens_per_s", "prompts_truncated"),
+                                          largest=("gen_s", "score_s", "update_s")),
+                     "score_std": std_over_ranks(raw), "updated": bool(groups) or demo is not None}
             history.append(stats)
             if info.is_main:
                 log.log(step, **stats)
