@@ -68,6 +68,24 @@ def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def sharded(model: nn.Module) -> bool:
+    """True when `model` holds FSDP2-sharded parameters under a process group of several ranks: each of its
+    forwards all-gathers parameters with every other rank, so all ranks must run as many forwards (a rank
+    that stops early leaves the others waiting in their next all-gather)."""
+    if world_size() == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on every rank (one process: `flag`)."""
+    if world_size() == 1:
+        return flag
+    return bool(all_reduce_max(torch.tensor([0 if flag else 1], device=device)).item() == 0)
+
+
 def std_over_ranks(x: torch.Tensor) -> float:
     """The (unbiased) standard deviation of the values every rank holds in `x`, pooled as one tensor."""
     t = all_reduce_sum(torch.stack([torch.tensor(float(x.numel())), x.double().sum().cpu(), x.double().square().sum().cpu()])

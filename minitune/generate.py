@@ -6,6 +6,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from minitune.distributed import all_ranks, all_reduce_max, sharded
 from minitune.errors import MinituneError
 from minitune.model import Transformer
 
@@ -152,6 +153,10 @@ def generate(
     too), so the decode steps compute only rows still generating; the tokens do not change, since each
     row's sampling noise is drawn for the whole batch every step (`sample_token`). RL answers of mixed
     lengths (a 3-digit sum next to a 6-number list) then cost their own length, not the longest's.
+    An FSDP2-sharded model under torchrun all-gathers its parameters in every forward, so all ranks must
+    run as many: each decodes to the largest `max_new_tokens` of any rank (its own rows stop at its own)
+    and until the rows of all ranks have finished (checked together every CHECK_DONE_EVERY tokens); a rank
+    whose rows are done keeps stepping them as padding, and its tokens do not change.
     Returns a GenerationOutput.
     """
     if num_samples < 1:
@@ -162,6 +167,12 @@ def generate(
     limit = model.config.max_position_embeddings
     if P + max_new_tokens > limit:
         raise MinituneError(f"prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's context ({limit})")
+    budget, lockstep = max_new_tokens, sharded(model)
+    if lockstep:  # every rank steps to the largest budget; rows past their own are done
+        max_new_tokens = int(all_reduce_max(torch.tensor([budget], device=dev)).item())
+        if P + max_new_tokens > limit:
+            raise MinituneError(f"prompt ({P}) + another rank's max_new_tokens ({max_new_tokens}) exceeds the "
+                                f"model's context ({limit}): every rank of a sharded model decodes as many steps")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prompt_ids = input_ids
@@ -206,13 +217,15 @@ def generate(
             hit = torch.isin(tok, eos) & ~live_done
             ended[rows] |= hit
             live_done = live_done | hit
+            if n + 1 == budget < max_new_tokens:  # this rank's budget is spent; the others' is not (lockstep)
+                live_done = torch.ones_like(live_done)
             if n == max_new_tokens - 1:
                 break
             if (n + 1) % CHECK_DONE_EVERY == 0:
                 n_done = int(live_done.sum())
-                if n_done == len(rows):
+                if all_ranks(n_done == len(rows), dev) if lockstep else n_done == len(rows):
                     break
-                if compact and n_done * 4 >= len(rows):
+                if compact and n_done * 4 >= len(rows) and n_done < len(rows):  # a done rank keeps its rows
                     keep = (~live_done).nonzero()[:, 0]
                     rows, live_done, live_keys, tok = rows[keep], live_done[keep], live_keys[keep], tok[keep]
                     model.select_cache(keep)

@@ -122,7 +122,17 @@ def torchrun(script, args, nproc=2, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + random.randint(0, 400)), str(script), *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM: torchrun stops its ranks and exits (SIGKILL would leave them waiting on each other for ever,
+        # holding the pipes this reads)
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError(f"{Path(script).name} did not finish in {timeout} s (a rank waiting on the others?)\n"
+                             + stdout[-3000:] + stderr[-3000:]) from None
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 

@@ -104,6 +104,38 @@ def test_grpo_loss_over_ranks_gives_the_full_minibatch_gradient(parallel, aggreg
     assert out.stdout.count("gradients equal the full batch's") == 2 and out.stdout.count("statistics too") == 2, out.stdout
 
 
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_generation_keeps_sharded_ranks_in_step(parallel):
+    """Answers that end at different steps on different ranks (early EOS on one; a smaller budget on one):
+    under FSDP2 every rank decodes until all ranks' answers are done, with the tokens of the unwrapped model;
+    without that the run hangs (seen: rank 0 stopped after 8 of rank 1's 40 forwards and both waited forever,
+    in the test and in recipes/grpo.py under FSDP2 with answers of mixed lengths)."""
+    out = torchrun(Path(__file__).parent / "dist_generate.py", [parallel], timeout=180)
+    assert out.stdout.count("as the plain model's") == 4, out.stdout
+    if parallel == "fsdp":
+        assert out.stdout.count("(ranks: 40 to 40)") == 4, out.stdout
+
+
+@pytest.mark.slow
+@NEEDS_FSDP_ON_CPU
+@pytest.mark.parametrize("recipe", ["grpo.py", "ppo.py"])
+def test_rl_recipes_under_fsdp_with_answers_of_mixed_lengths(toy_folder, tmp_path, recipe):
+    """Each rank draws its answers' budget from [gen.min_new_tokens, gen.max_new_tokens] and its answers end
+    where they end: under FSDP2 the rollouts and the held-out check must still run every rank's forwards in
+    step (before `generate` kept them so, the GRPO run hung at its first rollout)."""
+    folder, prompts = toy_folder
+    out = tmp_path / recipe
+    shape = ["grpo.rollout_batch=8", "grpo.group_size=4"] if recipe == "grpo.py" else \
+        ["ppo.rollout_batch=8", "ppo.mini_batch=4", "ppo.samples_per_prompt=4"]
+    torchrun(ROOT / "recipes" / recipe,
+             [f"model.path={folder}", f"data.source={prompts}", "data.template=text", "run.progress=false", "init_adapter=",
+              "lora.r=4", "gen.min_new_tokens=1", "gen.max_new_tokens=40", "gen.temperature=1.5",
+              "reward.function=helpers:share_of_letter_a", "held_out.prompts=4", "run.max_steps=3", "run.save_every=0",
+              "optim.lr=1e-2", "run.parallel=fsdp", f"run.output_dir={out}", *shape], timeout=240)
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "score_mean" in r]
+    assert len(rows) == 3 and len({r["response_length"] for r in rows}) > 1, rows
+
+
 def test_step_metrics_are_the_whole_jobs():
     """`metrics_over_ranks`: means over the ranks that measured a metric, sums for counts, the largest for
     durations, order of names free; `std_over_ranks` pools the ranks' values; different names raise on every rank."""
