@@ -86,6 +86,30 @@ def all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_max(torch.tensor([0 if flag else 1], device=device)).item() == 0)
 
 
+def in_step(batches, model: nn.Module, device: torch.device):
+    """Yields (batch, counts) for an evaluation over this rank's share of the data. Under FSDP2 every forward
+    all-gathers parameters with all ranks, so when this rank's batches end before another rank's, it runs its
+    last batch again (counts=False: compute, then leave it out) until all ranks are done; ranks decide together
+    after every batch. Without sharding it yields each batch once with counts=True."""
+    if not sharded(model):
+        for b in batches:
+            yield b, True
+        return
+    it, last = iter(batches), None
+    while True:
+        b = next(it, None)
+        if all_ranks(b is None, device):
+            return
+        if b is None and last is None:
+            raise MinituneError(f"rank {dist.get_rank()} has no held-out batch while other ranks do: the held-out split "
+                                f"has fewer items than ranks; give it at least {world_size()} or run on fewer ranks")
+        if b is None:
+            yield last, False
+        else:
+            last = b
+            yield b, True
+
+
 def std_over_ranks(x: torch.Tensor) -> float:
     """The (unbiased) standard deviation of the values every rank holds in `x`, pooled as one tensor."""
     t = all_reduce_sum(torch.stack([torch.tensor(float(x.numel())), x.double().sum().cpu(), x.double().square().sum().cpu()])

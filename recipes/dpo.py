@@ -24,7 +24,7 @@ from minitune.data.shared_prompt import SharedLayout, layout_pairs, tokenize_sha
 from minitune.data.own_mistakes import own_mistake_pairs
 from minitune.data.preference import load_preference_pairs, pair_batches
 from minitune.data.synthetic import train_eval_split
-from minitune.distributed import all_reduce_sum, unwrap
+from minitune.distributed import all_reduce_sum, in_step, unwrap
 from minitune.dpo import DPOLossType, dpo_loss, response_logprobs
 from minitune.errors import MinituneError, require
 from minitune.evaluation import greedy_accuracy
@@ -127,8 +127,11 @@ def evaluate(model, reference, pairs, cfg: DPOConfig, pad_id, device) -> dict:
     """Held-out DPO loss, implicit rewards, preference accuracy and KL proxy (all ranks)."""
     model.eval()
     total = torch.zeros(6, device=device)
-    for s in range(0, len(pairs), cfg.dpo.eval_batch_size):
-        total += pair_metrics(model, reference, pairs[s: s + cfg.dpo.eval_batch_size], cfg, pad_id, device, grad=False)[1]
+    size = cfg.dpo.eval_batch_size
+    for batch, counts in in_step((pairs[s: s + size] for s in range(0, len(pairs), size)), model, device):
+        sums = pair_metrics(model, reference, batch, cfg, pad_id, device, grad=False)[1]  # every rank as many forwards
+        if counts:
+            total += sums
     model.train()
     return as_metrics(all_reduce_sum(total), "eval_")
 

@@ -22,7 +22,7 @@ from minitune.data import Columns, ConstantLengthDataset, make_formatter
 from minitune.data.loading import train_and_eval_rows
 from minitune.data.packing import PackingStats, no_tokens_error
 from minitune.data.synthetic import train_eval_split
-from minitune.distributed import all_reduce_sum, unwrap
+from minitune.distributed import all_reduce_sum, in_step, unwrap
 from minitune.errors import MinituneError
 from minitune.evaluation import greedy_accuracy
 from minitune.lora import LoRAConfig, apply_lora, base_parameter_bytes
@@ -102,13 +102,12 @@ def evaluate(model, eval_ds, cfg: SFTConfig, device) -> dict:
     model.eval()
     total = torch.zeros(2, device=device)
     it = iter(eval_ds)
-    while True:
-        blocks = [b for _, b in zip(range(cfg.run.batch_size), it)]
-        if not blocks:
-            break
+    batches = iter(lambda: [b for _, b in zip(range(cfg.run.batch_size), it)], [])  # until a batch comes out empty
+    for blocks, counts in in_step(batches, model, device):  # under FSDP2 every rank runs as many forwards
         batch = {k: torch.stack([b[k] for b in blocks]).to(device) for k in blocks[0]}
-        total[0] += token_loss_sum(model, batch, cfg.ce_chunk).float()
-        total[1] += (batch["labels"] != -100).sum()
+        loss_sum = token_loss_sum(model, batch, cfg.ce_chunk).float()
+        if counts:
+            total += torch.stack([loss_sum, (batch["labels"] != -100).sum().float()])
     all_reduce_sum(total)
     loss = (total[0] / total[1].clamp(min=1)).item()
     model.train()

@@ -19,7 +19,7 @@ import torch
 from minitune.data.shared_prompt import layout_pairs, tokenize_shared_pair
 from minitune.data.preference import load_preference_pairs, pair_batches
 from minitune.data.prompts import prompt_rendering
-from minitune.distributed import all_reduce_sum
+from minitune.distributed import all_reduce_sum, in_step
 from minitune.errors import MinituneError
 from minitune.lora import LoRAConfig, apply_lora
 from minitune.reward import RewardHead, pair_rewards, pairwise_loss
@@ -73,10 +73,12 @@ def pair_forward(model, pairs, pad_id, device):
 def evaluate(model, pairs, cfg: RewardConfig, pad_id, device) -> dict:
     model.eval()
     rc, rr = [], []
-    for s in range(0, len(pairs), cfg.reward.eval_batch_size):
-        c, r = pair_forward(model, pairs[s: s + cfg.reward.eval_batch_size], pad_id, device)
-        rc.append(c.float())
-        rr.append(r.float())
+    size = cfg.reward.eval_batch_size
+    for batch, counts in in_step((pairs[s: s + size] for s in range(0, len(pairs), size)), model, device):
+        c, r = pair_forward(model, batch, pad_id, device)  # under FSDP2 every rank runs as many forwards
+        if counts:
+            rc.append(c.float())
+            rr.append(r.float())
     model.train()
     c, r = (torch.cat(rc), torch.cat(rr)) if rc else (torch.zeros(0, device=device), torch.zeros(0, device=device))
     m = pairwise_loss(c, r, margin=cfg.reward.margin, center_coef=cfg.reward.center_coef, reduction="sum")

@@ -34,12 +34,14 @@ def test_fsdp_averages_gradients_where_the_backend_sums_an_avg_reduce_scatter():
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_reward_recipe_under_torchrun(demo_dir, tmp_path, parallel):
+    # 7 held-out pairs one at a time: 4 forwards on rank 0 against 3 on rank 1, which under FSDP2 repeats its last
+    # (uncounted) until rank 0 is done; before, the run hung in the evaluation
     tiny = tiny_with_real_tokenizer(tmp_path / "m", demo_dir)
     out = tmp_path / parallel
     torchrun(ROOT / "recipes" / "reward_model.py",
              [f"model.path={tiny}", "run.progress=false", "run.max_steps=3", "run.batch_size=2", "run.save_every=2",
-              "data.synthetic_train=32", "data.synthetic_eval=8", "optim.lr=1e-2", "lora.r=4",
-              f"run.parallel={parallel}", f"run.output_dir={out}"])
+              "data.synthetic_train=32", "data.synthetic_eval=7", "reward.eval_batch_size=1", "optim.lr=1e-2", "lora.r=4",
+              f"run.parallel={parallel}", f"run.output_dir={out}"], timeout=300)
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     saved = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
@@ -184,14 +186,15 @@ def test_grpo_under_torchrun_keeps_ranks_in_step(toy_folder, tmp_path, parallel)
 @pytest.mark.parametrize("parallel", PARALLEL)
 def test_dpo_under_torchrun(demo_dir, tmp_path, parallel):
     """recipes/dpo.py on 2 CPU ranks (each its share of the pairs; the reference is the same base with the
-    adapter off on every rank; each scores 4 of the 8 held-out pairs): finite losses, log 2 at the start, the policy moved."""
+    adapter off on every rank; 7 held-out pairs one at a time, 4 on rank 0 and 3 on rank 1, which under FSDP2
+    repeats its last, uncounted, so both run as many forwards): finite losses, log 2 at the start, the policy moved."""
     tiny = tiny_with_real_tokenizer(tmp_path / "m", demo_dir)
     out = tmp_path / parallel
     torchrun(ROOT / "recipes" / "dpo.py",
              [f"model.path={tiny}", "run.progress=false", "run.max_steps=3", "run.batch_size=2", "run.save_every=0",
-              "data.synthetic_train=32", "data.synthetic_eval=8", "data.seq_length=64", "optim.lr=1e-2",
-              "optim.warmup_steps=0", "lora.r=4", "init_adapter=", "eval_accuracy=false", "dpo.beta=0.5",
-              f"run.parallel={parallel}", f"run.output_dir={out}"])
+              "data.synthetic_train=32", "data.synthetic_eval=7", "dpo.eval_batch_size=1", "data.seq_length=64",
+              "optim.lr=1e-2", "optim.warmup_steps=0", "lora.r=4", "init_adapter=", "eval_accuracy=false", "dpo.beta=0.5",
+              f"run.parallel={parallel}", f"run.output_dir={out}"], timeout=300)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r and "final_step" not in r]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-4  # step 1: policy = reference, the sigmoid loss is log 2

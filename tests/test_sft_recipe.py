@@ -270,3 +270,19 @@ def test_compiled_layers_under_torchrun_match_the_eager_single_process(tiny, dig
     b = dict(iter_safetensors(out / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_held_out_split_that_does_not_divide_over_the_ranks(tiny, digits, tmp_path, parallel):
+    """9 held-out blocks on 2 ranks (5 and 4, batches of 2: 3 forwards against 2): under FSDP2 the rank that
+    runs out repeats its last batch without counting it, so the run finishes (before, it hung in the second
+    evaluation's all-gather) and its held-out loss is the single process's over all 9 blocks."""
+    single = tmp_path / "single"
+    run(digits_args(tiny, digits, single, **{"run.batch_size": 4, "data.holdout": 9}))
+    out = tmp_path / parallel
+    torchrun(ROOT / "recipes" / "lora_sft.py",
+             digits_args(tiny, digits, out, **{"run.batch_size": 2, "run.parallel": parallel, "data.holdout": 9}), timeout=300)
+    want, got = (json.loads((d / "summary.json").read_text()) for d in (single, out))
+    assert got["eval_loss_before"] == pytest.approx(want["eval_loss_before"], abs=1e-5)
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
