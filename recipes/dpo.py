@@ -241,12 +241,13 @@ def train(cfg: DPOConfig) -> dict:
             bar.update(1)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
                 log.log(step, **evaluate(model, reference, eval_ids, cfg, tok.pad_id, device))
-            stopping = stop.requested is not None
+            requested = stop.anywhere(device)  # every rank stops after the same step
+            stopping = requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="policy", optimizer=opt, scheduler=sched,
                                        data_state={"batch_index": batch_index}, info=info, base_name=cfg.model.path)
             if stopping:
-                report_stop(stop.requested, step, last_ckpt, info.is_main)
+                report_stop(requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
 

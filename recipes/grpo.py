@@ -322,12 +322,13 @@ def train(cfg: GRPOConfig) -> dict:
             bar.update(1)
             if held_out and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < cfg.run.max_steps:
                 held_out(step)
-            stopping = stop.requested is not None
+            requested = stop.anywhere(device)  # every rank stops after the same step
+            stopping = requested is not None
             if should_save(cfg.run, step, cfg.run.max_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="policy", optimizer=opt, scheduler=sched,
                                        data_state={"cursor": cursor}, info=info, base_name=cfg.model.path)
             if stopping:
-                report_stop(stop.requested, step, last_ckpt, info.is_main)
+                report_stop(requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
 

@@ -22,7 +22,7 @@ from minitune.data import Columns, ConstantLengthDataset, make_formatter
 from minitune.data.loading import train_and_eval_rows
 from minitune.data.packing import PackingStats, no_tokens_error
 from minitune.data.synthetic import train_eval_split
-from minitune.distributed import all_reduce_sum, in_step, unwrap
+from minitune.distributed import all_ranks, all_reduce_sum, in_step, unwrap
 from minitune.errors import MinituneError
 from minitune.evaluation import greedy_accuracy
 from minitune.lora import LoRAConfig, apply_lora, base_parameter_bytes
@@ -212,6 +212,8 @@ def train(cfg: SFTConfig) -> dict:
                     micro = [batches(it, cfg.run.batch_size, device) for _ in range(grad_accum)]
             except StopRequested:
                 micro = None
+            if not all_ranks(micro is not None, device):  # a rank stopped while fetching: no rank takes this step
+                micro = None
             if micro is not None:
                 n_tokens = all_reduce_sum(torch.tensor(float(sum((b["labels"] != -100).sum() for b in micro)), device=device))
                 loss_sum = torch.zeros((), device=device)
@@ -246,13 +248,14 @@ def train(cfg: SFTConfig) -> dict:
                     if do_accuracy:
                         ev["eval_exact_match"] = answer_accuracy(model, tok, examples, cfg, device)[0]
                     log.log(step, **ev)
-            stopping = stop.requested is not None
+            requested = stop.anywhere(device)  # every rank stops after the same step
+            stopping = requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="default", optimizer=opt, scheduler=sched,
                                        data_state=train_ds.state_dict() if micro is not None else data_state,
                                        info=info, base_name=cfg.model.path)
             if stopping:
-                report_stop(stop.requested, step, last_ckpt, info.is_main)
+                report_stop(requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
 

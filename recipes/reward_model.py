@@ -169,13 +169,14 @@ def train(cfg: RewardConfig) -> dict:
             bar.update(1)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < total_steps:
                 log.log(step, **evaluate(model, eval_pairs, cfg, tok.pad_id, device))
-            stopping = stop.requested is not None
+            requested = stop.anywhere(device)  # every rank stops after the same step
+            stopping = requested is not None
             if should_save(cfg.run, step, total_steps, stopping):
                 last_ckpt = save_state(mgr, step, model, adapter="reward", optimizer=opt, scheduler=sched,
                                        data_state={"batch_index": batch_index}, info=info, head_tensors=head.tensors(),
                                        base_name=cfg.model.path, task_type="SEQ_CLS", adapter_metadata=metadata)
             if stopping:
-                report_stop(stop.requested, step, last_ckpt, info.is_main)
+                report_stop(requested, step, last_ckpt, info.is_main)
                 break
     bar.close()
 

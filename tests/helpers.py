@@ -109,9 +109,8 @@ def first_group_differs_on_rank0(responses, references):
     return [float(i) if i < 4 else 0.0 for i in range(len(responses))]
 
 
-def torchrun(script, args, nproc=2, timeout=600):
-    """Runs `script` (a recipe or a test script) under torchrun with `nproc` CPU ranks (gloo);
-    fails with the output's tail when any rank fails."""
+def spawn_torchrun(script, args, nproc=2, **popen):
+    """Starts `script` under torchrun with `nproc` CPU ranks (gloo), one thread each; returns the Popen."""
     import os
     import random
     import subprocess
@@ -121,8 +120,31 @@ def torchrun(script, args, nproc=2, timeout=600):
     tests = Path(__file__).resolve().parent
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(29500 + random.randint(0, 400)), str(script), *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # faulthandler: a rank sent SIGABRT prints where it is (what a test does with a run that hangs)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def rank_pids(proc) -> dict[int, int]:
+    """{rank: pid} of the ranks a torchrun Popen started (read from /proc: the children whose RANK is set)."""
+    from pathlib import Path
+
+    found = {}
+    for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(pid)
+    return found
+
+
+def torchrun(script, args, nproc=2, timeout=600):
+    """Runs `script` (a recipe or a test script) under torchrun with `nproc` CPU ranks (gloo);
+    fails with the output's tail when any rank fails or the run does not finish in `timeout` s."""
+    import subprocess
+    from pathlib import Path
+
+    proc = spawn_torchrun(script, args, nproc)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -132,7 +154,7 @@ def torchrun(script, args, nproc=2, timeout=600):
         stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"{Path(script).name} did not finish in {timeout} s (a rank waiting on the others?)\n"
                              + stdout[-3000:] + stderr[-3000:]) from None
-    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
 

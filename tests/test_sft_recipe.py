@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from minitune import MinituneError
 from minitune.checkpoint import iter_safetensors
 from minitune.train.config import load_config, parse_cli
 from minitune.train.metrics import read_metrics
-from helpers import PARALLEL, load_recipe, tiny_with_real_tokenizer, torchrun
+from helpers import PARALLEL, load_recipe, rank_pids, spawn_torchrun, tiny_with_real_tokenizer, torchrun
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +287,35 @@ def test_held_out_split_that_does_not_divide_over_the_ranks(tiny, digits, tmp_pa
     want, got = (json.loads((d / "summary.json").read_text()) for d in (single, out))
     assert got["eval_loss_before"] == pytest.approx(want["eval_loss_before"], abs=1e-5)
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
+
+
+@pytest.mark.parametrize("parallel", PARALLEL)
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step(tiny, tmp_path, parallel):
+    """A signal that reaches one rank only (or one rank first): the ranks decide together after each step,
+    so both save the same step and exit cleanly. Before, the signalled rank saved and left while the other
+    went on into the next step's collectives and waited there for ever."""
+    out = tmp_path / parallel
+    proc = spawn_torchrun(ROOT / "recipes" / "lora_sft.py",
+                          base_args(tiny, out, **{"run.max_steps": 200, "run.save_every": 0, "eval.accuracy": "false",
+                                                  "run.batch_size": 2, "run.parallel": parallel, "run.progress": "false"}))
+    try:
+        _wait_for_step(out, 2, proc)
+        ranks = rank_pids(proc)
+        os.kill(ranks[1], signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        for pid in ranks.values():  # where each rank waits (faulthandler), then stop the run
+            os.kill(pid, signal.SIGABRT)
+        stdout, stderr = proc.communicate(timeout=60)
+        raise AssertionError("the ranks did not stop:\n" + stdout[-3000:] + stderr[-6000:]) from None
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    said = re.search(r"stopped by a signal to another rank at step (\d+)", stdout)
+    assert said, stdout[-2000:]
+    step = int(said.group(1))
+    assert 2 <= step < 200 and len(losses(out)) == step
+    assert (out / "checkpoints" / f"step_{step:08d}" / "common.pt").exists()
+

@@ -6,6 +6,7 @@ import contextlib
 import math
 import signal
 
+from minitune.distributed import all_ranks, world_size
 from minitune.errors import MinituneError
 
 
@@ -46,6 +47,15 @@ class StopSignal:
             yield
         finally:
             self._interruptible = False
+
+    def anywhere(self, device) -> str | None:
+        """The stop request of any rank (one process: this one's), checked together after each step, so all
+        ranks stop after the same step: one that stopped alone would leave the others waiting in the next
+        step's collectives (and its checkpoint's). A rank that got no signal itself names the other rank's."""
+        mine = self.requested  # read once: a signal arriving during the vote counts at the next step, on every rank
+        if world_size() == 1 or all_ranks(mine is None, device):
+            return mine
+        return mine or "a signal to another rank"
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
