@@ -227,8 +227,8 @@ def test_sections_are_the_library_configs_and_the_saved_config_is_what_ran(tiny,
     assert saved.model.quant == QuantConfig(quant_type=QuantType.NF4, compute_dtype="float32")
 
 
-def _torchrun(args, nproc=2):
-    torchrun(ROOT / "recipes" / "lora_sft.py", args, nproc)
+def _torchrun(args, nproc=2, timeout=600):
+    torchrun(ROOT / "recipes" / "lora_sft.py", args, nproc, timeout=timeout)
 
 
 def digits_args(tiny, digits, out, **extra):
@@ -282,8 +282,8 @@ def test_held_out_split_that_does_not_divide_over_the_ranks(tiny, digits, tmp_pa
     single = tmp_path / "single"
     run(digits_args(tiny, digits, single, **{"run.batch_size": 4, "data.holdout": 9}))
     out = tmp_path / parallel
-    torchrun(ROOT / "recipes" / "lora_sft.py",
-             digits_args(tiny, digits, out, **{"run.batch_size": 2, "run.parallel": parallel, "data.holdout": 9}), timeout=300)
+    _torchrun(digits_args(tiny, digits, out, **{"run.batch_size": 2, "run.parallel": parallel, "data.holdout": 9}),
+              timeout=300)
     want, got = (json.loads((d / "summary.json").read_text()) for d in (single, out))
     assert got["eval_loss_before"] == pytest.approx(want["eval_loss_before"], abs=1e-5)
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-5)
